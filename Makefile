@@ -1,0 +1,33 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each creates .venv and
+# installs what it needs when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: test demo venv test-ref test-fast lessons clean gpu-check bench
+
+venv: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# The whole suite: the pytest tree (CUDA simulator on, set in tests/conftest.py), then the
+# PTX/NVRTC compile checks in their own process with the simulator off, then the lessons.
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+	NUMBA_ENABLE_CUDASIM=0 $(PY) -m pytest -q -p no:cacheprovider tests/compile_checks.py
+	$(PY) -m pytest -q --nbmake -n 2 lessons/_build
+
+demo: $(STAMP)
+	$(PY) -m sparx_ref.demo
+
+gpu-check: $(STAMP)
+	./scripts/gpu-check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis lessons/_build

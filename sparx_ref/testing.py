@@ -1,0 +1,86 @@
+"""Comparison and finite-difference helpers shared by the tests, the benchmarks and
+``sparx-ref check``.
+
+All errors are relative per tensor: ``max|got - ref| / max|ref|``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .tolerances import tolerance
+
+
+def _to_numpy(a):
+    if hasattr(a, "detach"):  # torch tensor
+        a = a.detach().cpu().numpy()
+    elif hasattr(a, "get") and not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__"):
+        a = a.get()  # cupy
+    elif hasattr(a, "copy_to_host"):  # numba device array
+        a = a.copy_to_host()
+    return np.asarray(a)
+
+
+def rel_err(got, ref) -> float:
+    """``max|got - ref| / max|ref|`` in float64 (0 when both are all zeros).
+
+    Shapes must match exactly; NaN anywhere in ``got`` gives ``inf`` so an
+    unwritten (NaN-poisoned) element never passes.
+    """
+    got = _to_numpy(got).astype(np.float64)
+    ref = _to_numpy(ref).astype(np.float64)
+    if got.shape != ref.shape:
+        raise ValueError(f"shape mismatch: got {got.shape}, ref {ref.shape}")
+    if got.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    diff = float(np.max(np.abs(got - ref)))
+    scale = float(np.max(np.abs(ref)))
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def assert_close(got, ref, dtype, kind: str, name: str = "tensor") -> float:
+    """Assert ``rel_err(got, ref) <= tolerance(dtype, kind)``; return the error."""
+    err = rel_err(got, ref)
+    tol = tolerance(dtype, kind)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} ({np.dtype(str(dtype).replace('torch.', '')).name}, {kind})"
+    return err
+
+
+def assert_all_close(got: Mapping, ref: Mapping, dtype, kind: str, prefix: str = "") -> dict:
+    """``assert_close`` over every key of ``ref`` (keys must match exactly)."""
+    missing = sorted(set(ref) - set(got))
+    extra = sorted(set(got) - set(ref))
+    assert not missing and not extra, f"{prefix}key mismatch: missing {missing}, unexpected {extra}"
+    errs = {}
+    for k in ref:
+        if ref[k] is None:
+            assert got[k] is None, f"{prefix}{k}: expected None"
+            continue
+        errs[k] = assert_close(got[k], ref[k], dtype, kind, name=f"{prefix}{k}")
+    return errs
+
+
+def numerical_vjp(f: Callable[[], np.ndarray], x: np.ndarray, dout: np.ndarray,
+                  eps: float = 1e-6) -> np.ndarray:
+    """Central finite differences of ``sum(f() * dout)`` with respect to ``x``.
+
+    ``x`` is perturbed in place (and restored); ``f`` must read it. float64 only.
+    """
+    if x.dtype != np.float64:
+        raise TypeError(f"numerical_vjp needs float64 x, got {x.dtype}")
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = float(np.sum(f() * dout))
+        flat[i] = old - eps
+        minus = float(np.sum(f() * dout))
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * eps)
+    return grad

@@ -1,0 +1,69 @@
+"""Compile every GPU kernel for sm_90 on a machine without a GPU.
+
+Run in its own process with the simulator OFF (the Makefile does:
+``NUMBA_ENABLE_CUDASIM=0 pytest tests/compile_checks.py``): the simulator does not
+type-check kernels, so this is what catches an un-jitted helper or a bad signature.
+
+Contract for kernel modules (enumerated from the registry, so a new module is covered):
+- a ``numba_cuda`` module exposes ``PTX_KERNELS``: a list of
+  ``(name, python_function, signature_string)`` for every ``@cuda.jit`` kernel it launches
+  (the undecorated function, or the dispatcher's ``py_func``);
+- a ``cupy`` module exposes ``CUDA_SOURCES``: a dict ``name -> CUDA C source`` and
+  optionally ``NVRTC_OPTIONS`` (a tuple of str) for every RawModule/RawKernel it builds.
+"""
+import importlib
+import os
+
+import pytest
+
+from sparx_ref.kernels import entries
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+    pytest.skip("compile checks need the CUDA simulator off", allow_module_level=True)
+
+
+def _modules(backend):
+    return sorted({e.target.split(":")[0] for e in entries(backend=backend)})
+
+
+def _numba_kernels():
+    out = []
+    for mod in _modules("numba_cuda"):
+        m = importlib.import_module(mod)
+        assert hasattr(m, "PTX_KERNELS"), f"{mod} must expose PTX_KERNELS"
+        for name, fn, sig in m.PTX_KERNELS:
+            out.append(pytest.param(fn, sig, id=f"{mod.rsplit('.', 1)[-1]}.{name}:{sig}"))
+    return out
+
+
+def _cupy_sources():
+    out = []
+    for mod in _modules("cupy"):
+        m = importlib.import_module(mod)
+        assert hasattr(m, "CUDA_SOURCES"), f"{mod} must expose CUDA_SOURCES"
+        opts = tuple(getattr(m, "NVRTC_OPTIONS", ()))
+        for name, src in m.CUDA_SOURCES.items():
+            out.append(pytest.param(name, src, opts, id=f"{mod.rsplit('.', 1)[-1]}.{name}"))
+    return out
+
+
+@pytest.mark.parametrize("fn,sig", _numba_kernels())
+def test_numba_cuda_kernel_compiles_for_sm90(fn, sig):
+    from numba import cuda
+    fn = getattr(fn, "py_func", fn)
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    assert ".target sm_90" in ptx
+
+
+@pytest.mark.parametrize("name,src,opts", _cupy_sources())
+def test_cupy_source_compiles_for_compute90(name, src, opts):
+    from cuda.bindings import nvrtc
+    err, prog = nvrtc.nvrtcCreateProgram(src.encode(), f"{name}.cu".encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    args = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [o.encode() for o in opts]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
+    if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        pytest.fail(f"NVRTC failed for {name}:\n{log.decode(errors='replace')}")
