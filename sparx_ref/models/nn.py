@@ -1,8 +1,16 @@
 """A minimal NumPy module system for whole models with a hand-written backward.
 
 A :class:`Module` owns parameters, buffers and child modules, in registration order,
-and flattens them into a state_dict in exactly PyTorch's order (own parameters, own
-buffers, then children depth-first), so released checkpoints map key for key.
+and flattens them into a state_dict in PyTorch's order (own entries in registration
+order, then children depth-first), so released checkpoints map key for key. Register a
+module's parameters before its buffers, as PyTorch lists them.
+
+Own entries may have dotted names (``"d_proj.1.running_mean"``): a functional op whose
+parameters are a dict keyed by released names (``sparx_ref.ref.dmca.dmca_fwd``) is
+wrapped by a module that registers those names as they are. A child registered under
+the empty name ``""`` is *transparent*: its keys get no extra prefix. Together these let
+``op.d_norm.*``, ``op.d_proj.*``, ... sit between ``op.Ds`` and ``op.conv2d.*`` exactly as
+in the released state_dict.
 
 Conventions every module follows:
 - ``forward(*inputs)`` computes the output and keeps what backward needs in ``self._cache``
@@ -29,6 +37,7 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_params", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_order", [])  # own entry names, registration order
         object.__setattr__(self, "_children", OrderedDict())
         object.__setattr__(self, "_grads", {})
         object.__setattr__(self, "_cache", None)
@@ -37,10 +46,12 @@ class Module:
     # -- registration -------------------------------------------------------------------
     def add_param(self, name: str, value: np.ndarray) -> np.ndarray:
         self._params[name] = np.asarray(value)
+        self._order.append(name)
         return self._params[name]
 
     def add_buffer(self, name: str, value: np.ndarray) -> np.ndarray:
         self._buffers[name] = np.asarray(value)
+        self._order.append(name)
         return self._buffers[name]
 
     def add_child(self, name: str, module: "Module | None") -> "Module | None":
@@ -71,7 +82,7 @@ class Module:
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
         yield prefix, self
         for name, child in self._children.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+            yield from child.named_modules(f"{prefix}.{name}" if prefix and name else (prefix or name))
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
         for mod_name, mod in self.named_modules(prefix):
@@ -83,10 +94,8 @@ class Module:
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for mod_name, mod in self.named_modules():
             pre = f"{mod_name}." if mod_name else ""
-            for n, p in mod._params.items():
-                out[pre + n] = p
-            for n, b in mod._buffers.items():
-                out[pre + n] = b
+            for n in mod._order:
+                out[pre + n] = mod._params[n] if n in mod._params else mod._buffers[n]
         return out
 
     def load_state_dict(self, state: Mapping[str, np.ndarray], strict: bool = True) -> dict:
