@@ -186,18 +186,18 @@ class Sequential(Module):
 
     def __init__(self, *modules: "Module | None"):
         super().__init__()
-        self._order = []
+        self._run_order = []
         for i, m in enumerate(modules):
             self.add_child(str(i), m)
             if m is not None:
-                self._order.append(m)
+                self._run_order.append(m)
 
     def forward(self, x):
-        for m in self._order:
+        for m in self._run_order:
             x = m.forward(x)
         return x
 
     def backward(self, dout):
-        for m in reversed(self._order):
+        for m in reversed(self._run_order):
             dout = m.backward(dout)
         return dout
