@@ -1,0 +1,1 @@
+"""Synthetic teaching data and small packaged data files."""

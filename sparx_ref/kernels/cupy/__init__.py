@@ -1,0 +1,1 @@
+"""cupy kernels; see sparx_ref.kernels.registry for the table and conventions."""

@@ -1,0 +1,1 @@
+"""Figures shared by the lessons, the demo and the README."""
