@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._validate import as_float_array, check_divisible, check_same_dtype, check_shape
+from .layers import softplus_bwd as _softplus_bwd, softplus_fwd as _softplus_fwd
 
 __all__ = [
     "selective_scan_fwd",
@@ -43,32 +44,6 @@ __all__ = [
     "selective_scan_materialized",
     "scan_matrix",
 ]
-
-
-# ----------------------------------------------------------------------------------------
-# softplus (PyTorch's: beta 1, identity above threshold 20)
-# ----------------------------------------------------------------------------------------
-def _private_softplus_fwd(x):
-    """Fallback ``softplus_fwd`` (used only if ``sparx_ref.ref.layers`` lacks one):
-    ``log1p(exp(x))`` for ``x <= 20`` and ``x`` above, like ``torch.nn.functional.softplus``."""
-    above = x > 20.0
-    out = np.where(above, x, np.log1p(np.exp(np.where(above, 0, x))))
-    return out.astype(x.dtype, copy=False), {"x": x}
-
-
-def _private_softplus_bwd(dout, cache):
-    """Fallback ``softplus_bwd``: dout * sigmoid(x) for ``x <= 20``, dout above."""
-    x = cache["x"]
-    above = x > 20.0
-    e = np.exp(-np.abs(np.where(above, 0, x)))          # never overflows
-    sig = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    return {"x": (dout * np.where(above, 1.0, sig)).astype(x.dtype, copy=False)}
-
-
-try:  # the shared op of the layers module, when it provides one
-    from .layers import softplus_bwd as _softplus_bwd, softplus_fwd as _softplus_fwd
-except ImportError:  # pragma: no cover - depends on the layers module
-    _softplus_fwd, _softplus_bwd = _private_softplus_fwd, _private_softplus_bwd
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,7 +84,9 @@ def _check_inputs(u, delta, A, B, C, D, delta_bias, u_name="u"):
 
 
 def _effective_delta(delta, delta_bias, delta_softplus):
-    """delta' = softplus(delta + bias) or delta + bias; also returns the softplus cache (or None)."""
+    """delta' = softplus(delta + bias) or delta + bias; also returns the softplus cache (or None).
+
+    softplus is the shared ``layers.softplus_fwd`` (PyTorch's: beta 1, identity above 20)."""
     z = delta if delta_bias is None else delta + delta_bias[:, None]
     if not delta_softplus:
         return z, None
