@@ -1,0 +1,154 @@
+"""Shared pieces of the PyTorch twins: swappable compute kernels and small layers.
+
+The hot operations of SparX-Mamba (selective scan, 2-D cross scan / merge, DMCA channel
+attention) are reached through a :class:`TorchKernels` table, so a later backend (Numba-CUDA,
+CuPy) can plug in without touching the model code. ``kernel_backend="torch"`` (plain
+PyTorch, CPU and GPU, differentiable by autograd) is the only one today.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- kernels
+def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Selective scan, plain PyTorch (mirrors mamba-ssm ``selective_scan_ref`` semantics).
+
+    u, delta: (b, KD, L); A: (KD, N); B, C: (b, K, N, L), channel c uses group c // (KD // K);
+    D, delta_bias: (KD,) or None. Returns y: (b, KD, L) with
+        delta_t = softplus(delta_t + delta_bias)  (if delta_softplus)
+        h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t,  h_0 = 0
+        y_t = <C_t, h_t> + D u_t
+    """
+    b, KD, L = u.shape
+    K = B.shape[1]
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    Bx = B.repeat_interleave(KD // K, dim=1)                     # (b, KD, N, L)
+    Cx = C.repeat_interleave(KD // K, dim=1)                     # (b, KD, N, L)
+    decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])  # (b, KD, N, L)
+    drive = (delta * u)[:, :, None, :] * Bx                      # (b, KD, N, L)
+    h = torch.zeros_like(decay[..., 0])                          # (b, KD, N)
+    states = []
+    for t in range(L):  # the recurrence itself is sequential
+        h = decay[..., t] * h + drive[..., t]
+        states.append(h)
+    hs = torch.stack(states, dim=-1)                             # (b, KD, N, L)
+    y = (hs * Cx).sum(dim=2)                                     # (b, KD, L)
+    if D is not None:
+        y = y + D[None, :, None] * u
+    return y
+
+
+def cross_scan_torch(x):
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    row = x.flatten(2)                               # index h*W + w
+    col = x.transpose(2, 3).flatten(2)               # index w*H + h
+    fwd = torch.stack([row, col], dim=1)             # (B, 2, C, L)
+    return torch.cat([fwd, fwd.flip(-1)], dim=1)     # (B, 4, C, L)
+
+
+def cross_merge_torch(ys, H, W):
+    """(B, 4, C, H*W) -> (B, C, H, W): the adjoint of :func:`cross_scan_torch`."""
+    B, K, C, L = ys.shape
+    y_row = ys[:, 0] + ys[:, 2].flip(-1)                              # (B, C, L), row-major
+    y_col = ys[:, 1] + ys[:, 3].flip(-1)                              # (B, C, L), laid out W x H
+    return (y_row.view(B, C, H, W) + y_col.view(B, C, W, H).transpose(2, 3))
+
+
+def channel_attention_torch(q, k, v):
+    """DMCA core: per (image, group) softmax(q k^T / sqrt(Ls)) v.
+
+    q, k: (B*G, g, Ls); v: (B*G, g, L). Returns (out (B*G, g, L), attn (B*G, g, g)).
+    Same arithmetic as ``F.scaled_dot_product_attention(q, k, v)`` (scale 1/sqrt(Ls)),
+    written out so the attention maps can be recorded.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B*G, g, g)
+    attn = torch.softmax(scores, dim=-1)
+    return torch.matmul(attn, v), attn
+
+
+@dataclass(frozen=True)
+class TorchKernels:
+    """The swappable hot operations (one row per operation)."""
+
+    name: str
+    selective_scan: Callable
+    cross_scan: Callable
+    cross_merge: Callable
+    channel_attention: Callable
+
+
+KERNEL_BACKENDS = {
+    "torch": TorchKernels("torch", selective_scan_torch, cross_scan_torch, cross_merge_torch,
+                          channel_attention_torch),
+}
+
+
+def get_kernels(kernel_backend: str) -> TorchKernels:
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {sorted(KERNEL_BACKENDS)}, "
+                         f"got {kernel_backend!r}")
+    return KERNEL_BACKENDS[kernel_backend]
+
+
+# ----------------------------------------------------------------------------- layers
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with one group: per sample over all of (C, H, W) (released ``GroupNorm``)."""
+
+    def __init__(self, num_channels, eps=1e-5):
+        super().__init__(num_groups=1, num_channels=num_channels, eps=eps)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels at every pixel of an NCHW tensor."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel ``w * x + b`` as a depthwise 1x1 conv; weight (C, 1, 1, 1), bias (C,)."""
+
+    def __init__(self, dim, init_value=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, 1, 1, 1) * init_value)
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's rule: keep with prob 1-p, scale by 1/(1-p))."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+def released_init_(module: nn.Module) -> None:
+    """SparX-Mamba ``_init_weights``: conv/linear weight trunc_normal(std .02, cut-offs ±2),
+    biases 0; BatchNorm/GroupNorm/LayerNorm weight 1, bias 0 (spec §10)."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
