@@ -30,12 +30,14 @@ import numbers
 import numpy as np
 
 from .._validate import as_float_array, check_divisible, check_same_dtype, check_shape
+from .layers import linear_bwd, linear_fwd
 
 __all__ = [
     "window_attention_fwd", "window_attention_bwd",
     "window_partition", "window_reverse", "cyclic_shift",
     "relative_position_index", "relative_position_bias_fwd", "relative_position_bias_bwd",
     "shifted_window_mask", "patch_merge_gather", "patch_merge_scatter",
+    "window_msa_fwd", "window_msa_bwd", "WINDOW_MSA_PARAM_KEYS",
 ]
 
 MASK_VALUE = -100.0  # the released code's value; not -inf (spec section 7)
@@ -369,3 +371,135 @@ def shifted_window_mask(H, W, M, shift, dtype=np.float64):
     win_labels = window_partition(labels[None, :, :, None], M)[:, :, 0]   # (nW, N)
     differ = win_labels[:, None, :] != win_labels[:, :, None]  # [w, i, j]: label_j != label_i
     return np.where(differ, dtype.type(MASK_VALUE), dtype.type(0.0))
+
+
+# --------------------------------------------------------------------------------------
+# the whole (S)W-MSA branch of a Swin block
+# --------------------------------------------------------------------------------------
+WINDOW_MSA_PARAM_KEYS = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+                         "relative_position_bias_table")
+
+
+def window_msa_fwd(x, params, *, H, W, num_heads, window_size, shift_size, mask=None):
+    """The (shifted-)window attention branch of ``SwinTransformerBlock`` (spec sections 5-8).
+
+    From ``norm1(x)`` to the branch output, before drop-path and the residual add::
+
+        u  = cyclic_shift(x as (B, H, W, C), s)          roll by -s (skipped when s = 0)
+        X  = window_partition(u, M)                      (Bw, N, C)      cache["attn_in"]
+        T  = X qkv.weight^T + qkv.bias                   (Bw, N, 3C): q | k | v, head-major inside
+        O  = window_attention(q, k, v, bias, mask)       scale hd^-0.5 on q (after its bias)
+        Y  = concat_heads(O) proj.weight^T + proj.bias   (Bw, N, C)      cache["attn_out"]
+        out = cyclic_shift(window_reverse(Y), -s)        roll by +s, as (B, H*W, C)
+
+    with ``bias[h, i, j] = table[relative_position_index(M)[i, j], h]``.
+
+    Args:
+        x: ``(B, H*W, C)`` tokens (row-major), the output of norm1.
+        params: mapping with the released names relative to ``attn``: ``"qkv.weight"``
+            ``(3C, C)``, ``"qkv.bias"`` ``(3C,)``, ``"proj.weight"`` ``(C, C)``, ``"proj.bias"``
+            ``(C,)``, ``"relative_position_bias_table"`` ``((2M-1)^2, num_heads)``; an optional
+            ``"relative_position_index"`` buffer ``(N, N)`` is used instead of the computed
+            one when given. Any other key is an error.
+        H, W: the token grid, divisible by ``window_size``.
+        num_heads: divides C.
+        window_size: the window side M *actually used* (the caller applies the shrink rule
+            of spec section 4).
+        shift_size: s in ``[0, M)``.
+        mask: ``(nW, N, N)`` ``attn_mask`` buffer; when None and ``s > 0`` it is built with
+            :func:`shifted_window_mask`; when None and ``s == 0`` no mask is added.
+
+    Returns:
+        ``out`` ``(B, H*W, C)`` and ``cache`` with ``"probs"`` ``(Bw, heads, N, N)``,
+        ``"attn_in"`` ``(Bw, N, C)`` (golden ``act.*.attn_in``), ``"attn_core"`` ``(Bw, N, C)``
+        (heads concatenated, before proj) and ``"attn_out"`` ``(Bw, N, C)`` (after proj, window
+        layout, shifted frame: golden ``act.*.attn``).
+    """
+    x = as_float_array("x", x, ndim=3)
+    H = _check_int("H", H, minimum=1)
+    W = _check_int("W", W, minimum=1)
+    num_heads = _check_int("num_heads", num_heads, minimum=1)
+    M = _check_int("window_size", window_size, minimum=1)
+    _check_grid_windows(H, W, M)
+    s = _check_shift(shift_size, M)
+    B, L, C = x.shape
+    if L != H * W:
+        raise ValueError(f"x must have H*W={H * W} tokens (axis 1) for H={H}, W={W}, got shape {x.shape}")
+    check_divisible("C (x.shape[2])", C, num_heads, "num_heads")
+    hd, N = C // num_heads, M * M
+
+    unknown = sorted(set(params) - set(WINDOW_MSA_PARAM_KEYS) - {"relative_position_index"})
+    missing = [k for k in WINDOW_MSA_PARAM_KEYS if k not in params]
+    if unknown or missing:
+        raise ValueError(f"params: missing keys {missing}, unexpected keys {unknown}; "
+                         f"expected {list(WINDOW_MSA_PARAM_KEYS)} (+ optional 'relative_position_index')")
+    table = as_float_array("params['relative_position_bias_table']",
+                           params["relative_position_bias_table"], ndim=2, dtype=x.dtype)
+    check_shape("params['relative_position_bias_table']", table, ((2 * M - 1) ** 2, num_heads))
+    for key, shape in (("qkv.weight", (3 * C, C)), ("qkv.bias", (3 * C,)),
+                       ("proj.weight", (C, C)), ("proj.bias", (C,))):
+        as_float_array(f"params['{key}']", params[key], ndim=len(shape), dtype=x.dtype)
+        check_shape(f"params['{key}']", params[key], shape)
+    index = params.get("relative_position_index")
+    if index is None:
+        index = relative_position_index(M)
+    else:
+        index = _check_array("params['relative_position_index']", index, 2)
+        check_shape("params['relative_position_index']", index, (N, N))
+    if mask is None and s > 0:
+        mask = shifted_window_mask(H, W, M, s, dtype=x.dtype)
+    elif mask is not None:
+        mask = as_float_array("mask", mask, ndim=3, dtype=x.dtype)
+        check_shape("mask", mask, ((H // M) * (W // M), N, N))
+
+    grid = cyclic_shift(x.reshape(B, H, W, C), s)
+    attn_in = window_partition(grid, M)                               # (Bw, N, C)
+    Bw = attn_in.shape[0]
+    qkv, qkv_cache = linear_fwd(attn_in, params["qkv.weight"], params["qkv.bias"])
+    q, k, v = qkv.reshape(Bw, N, 3, num_heads, hd).transpose(2, 0, 3, 1, 4)   # each (Bw, heads, N, hd)
+    bias, bias_cache = relative_position_bias_fwd(table, index)
+    core, core_cache = window_attention_fwd(q, k, v, bias, mask)      # scale hd^-0.5 on q
+    attn_core = np.ascontiguousarray(core.transpose(0, 2, 1, 3)).reshape(Bw, N, C)
+    attn_out, proj_cache = linear_fwd(attn_core, params["proj.weight"], params["proj.bias"])
+    out = cyclic_shift(window_reverse(attn_out, M, H, W), -s).reshape(B, L, C)
+    cache = {
+        "probs": core_cache["probs"], "attn_in": attn_in, "attn_core": attn_core,
+        "attn_out": attn_out, "qkv_cache": qkv_cache, "bias_cache": bias_cache,
+        "core_cache": core_cache, "proj_cache": proj_cache,
+        "geometry": (B, H, W, C, num_heads, M, s),
+    }
+    return out, cache
+
+
+def window_msa_bwd(dout, cache):
+    """Backward of :func:`window_msa_fwd`: every forward step's adjoint in reverse order.
+
+    Args:
+        dout: ``(B, H*W, C)``.
+
+    Returns:
+        ``{"x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+        "relative_position_bias_table"}`` (no entry for the index or mask buffers).
+    """
+    B, H, W, C, num_heads, M, s = cache["geometry"]
+    dout = as_float_array("dout", dout, ndim=3, dtype=cache["attn_in"].dtype)
+    check_shape("dout", dout, (B, H * W, C))
+    hd, N = C // num_heads, M * M
+    # adjoint of "reverse then roll by +s" = "roll by -s then partition"
+    d_attn_out = window_partition(cyclic_shift(dout.reshape(B, H, W, C), s), M)
+    Bw = d_attn_out.shape[0]
+    g_proj = linear_bwd(d_attn_out, cache["proj_cache"])
+    d_core = g_proj["x"].reshape(Bw, N, num_heads, hd).transpose(0, 2, 1, 3)
+    g_core = window_attention_bwd(d_core, cache["core_cache"])
+    g_table = relative_position_bias_bwd(g_core["bias"], cache["bias_cache"])
+    d_qkv = np.stack([g_core["q"], g_core["k"], g_core["v"]])        # (3, Bw, heads, N, hd)
+    d_qkv = np.ascontiguousarray(d_qkv.transpose(1, 3, 0, 2, 4)).reshape(Bw, N, 3 * C)
+    g_qkv = linear_bwd(d_qkv, cache["qkv_cache"])
+    # adjoint of "roll by -s then partition" = "reverse then roll by +s"
+    dx = cyclic_shift(window_reverse(g_qkv["x"], M, H, W), -s).reshape(B, H * W, C)
+    return {
+        "x": dx,
+        "qkv.weight": g_qkv["weight"], "qkv.bias": g_qkv["bias"],
+        "proj.weight": g_proj["weight"], "proj.bias": g_proj["bias"],
+        "relative_position_bias_table": g_table["table"],
+    }

@@ -408,3 +408,194 @@ def test_errors(rng):
     _, cache = wa.window_attention_fwd(q, k, v, bias)
     with pytest.raises(ValueError, match="dout"):
         wa.window_attention_bwd(np.zeros((2, 2, 2, 2)), cache)
+
+
+# ---------------------------------------------------------------------------------------
+# the whole (S)W-MSA branch
+# ---------------------------------------------------------------------------------------
+def _random_msa_params(rng, C, heads, M, dtype=F64):
+    return {
+        "qkv.weight": (rng.standard_normal((3 * C, C)) / np.sqrt(C)).astype(dtype),
+        "qkv.bias": (0.3 * rng.standard_normal(3 * C)).astype(dtype),
+        "proj.weight": (rng.standard_normal((C, C)) / np.sqrt(C)).astype(dtype),
+        "proj.bias": (0.3 * rng.standard_normal(C)).astype(dtype),
+        "relative_position_bias_table": (0.5 * rng.standard_normal(((2 * M - 1) ** 2, heads))).astype(dtype),
+    }
+
+
+def _torch_swin_mask(H, W, M, s):
+    """attn_mask built the released way: slice-labelled image, partition, pairwise difference."""
+    img = torch.zeros(1, H, W, 1, dtype=torch.float64)
+    cnt = 0
+    for hs in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+        for ws in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    win = _torch_partition(img, M).view(-1, M * M)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def _torch_partition(x, M):
+    B, H, W, C = x.shape
+    return x.view(B, H // M, M, W // M, M, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, M * M, C)
+
+
+def _torch_reverse(win, M, H, W):
+    B = win.shape[0] // ((H // M) * (W // M))
+    return win.view(B, H // M, W // M, M, M, -1).permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, -1)
+
+
+def _torch_window_msa(x, p, H, W, heads, M, s):
+    """The released SwinTransformerBlock attention branch, written from the spec in torch."""
+    B, L, C = x.shape
+    hd, N = C // heads, M * M
+    grid = x.view(B, H, W, C)
+    if s > 0:
+        grid = torch.roll(grid, shifts=(-s, -s), dims=(1, 2))
+    xw = _torch_partition(grid, M)
+    Bw = xw.shape[0]
+    qkv = torch.nn.functional.linear(xw, p["qkv.weight"], p["qkv.bias"])
+    q, k, v = qkv.reshape(Bw, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    index = torch.from_numpy(wa.relative_position_index(M))
+    bias = p["relative_position_bias_table"][index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+    mask = _torch_swin_mask(H, W, M, s) if s > 0 else None
+    o, probs = _torch_core(q, k, v, bias, mask, hd ** -0.5)
+    o = torch.nn.functional.linear(o.transpose(1, 2).reshape(Bw, N, C), p["proj.weight"], p["proj.bias"])
+    grid = _torch_reverse(o, M, H, W)
+    if s > 0:
+        grid = torch.roll(grid, shifts=(s, s), dims=(1, 2))
+    return grid.reshape(B, L, C), probs
+
+
+def test_window_msa_bwd_vs_finite_differences(rng):
+    B, H, W, M, s, heads, C = 2, 4, 6, 2, 1, 2, 4
+    params = _random_msa_params(rng, C, heads, M)
+    x = rng.standard_normal((B, H * W, C))
+    kw = dict(H=H, W=W, num_heads=heads, window_size=M, shift_size=s)
+    out, cache = wa.window_msa_fwd(x, params, **kw)
+    dout = rng.standard_normal(out.shape)
+    grads = wa.window_msa_bwd(dout, cache)
+    assert set(grads) == {"x", *wa.WINDOW_MSA_PARAM_KEYS}
+    for name, arr in [("x", x), *params.items()]:
+        num = numerical_vjp(lambda: wa.window_msa_fwd(x, params, **kw)[0], arr, dout)
+        assert_close(grads[name], num, F64N, "finite_diff", name)
+
+
+@pytest.mark.parametrize("B,H,W,M,s,heads,C", [
+    (1, 2, 2, 2, 0, 1, 2),
+    (2, 4, 6, 2, 1, 2, 4),
+    (2, 6, 9, 3, 1, 3, 6),
+    (1, 8, 4, 4, 2, 4, 8),
+    (1, 10, 5, 5, 2, 2, 6),
+    (1, 6, 12, 6, 3, 3, 9),
+    (2, 7, 14, 7, 3, 2, 4),
+    (1, 8, 16, 8, 4, 1, 3),
+    (2, 8, 8, 4, 0, 2, 4),
+])
+def test_window_msa_vs_torch_autograd(rng, B, H, W, M, s, heads, C):
+    params = _random_msa_params(rng, C, heads, M)
+    x = rng.standard_normal((B, H * W, C))
+    out, cache = wa.window_msa_fwd(x, params, H=H, W=W, num_heads=heads, window_size=M, shift_size=s)
+    dout = rng.standard_normal(out.shape)
+    grads = wa.window_msa_bwd(dout, cache)
+
+    tx = _t(x, True)
+    tp = {k: _t(v, True) for k, v in params.items()}
+    tout, tprobs = _torch_window_msa(tx, tp, H, W, heads, M, s)
+    (tout * _t(dout)).sum().backward()
+    assert_close(out, tout, F64N, "autograd", "out")
+    assert_close(cache["probs"], tprobs, F64N, "autograd", "probs")
+    assert_close(grads["x"], tx.grad, F64N, "autograd", "x")
+    for k, t in tp.items():
+        assert_close(grads[k], t.grad, F64N, "autograd", k)
+
+
+def test_window_msa_float32(rng):
+    B, H, W, M, s, heads, C = 2, 4, 8, 4, 2, 2, 6
+    params = _random_msa_params(rng, C, heads, M, dtype=np.float32)
+    x = rng.standard_normal((B, H * W, C)).astype(np.float32)
+    out, cache = wa.window_msa_fwd(x, params, H=H, W=W, num_heads=heads, window_size=M, shift_size=s)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = wa.window_msa_bwd(dout, cache)
+    assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads.values())
+    tx = _t(x.astype(F64), True)
+    tp = {k: _t(v.astype(F64), True) for k, v in params.items()}
+    tout, _ = _torch_window_msa(tx, tp, H, W, heads, M, s)
+    (tout * _t(dout.astype(F64))).sum().backward()
+    assert_close(out, tout, "float32", "autograd", "out")
+    assert_close(grads["x"], tx.grad, "float32", "autograd", "x")
+    for k, t in tp.items():
+        assert_close(grads[k], t.grad, "float32", "autograd", k)
+
+
+@pytest.mark.parametrize("B,H,W,M,s,heads,C", [
+    (2, 4, 6, 2, 1, 2, 4),
+    (1, 6, 9, 3, 2, 3, 6),
+    (1, 8, 12, 4, 2, 2, 4),
+])
+def test_two_views_window_msa_vs_full_map(rng, B, H, W, M, s, heads, C):
+    """window_msa_fwd == plain matmuls + attention over the whole map restricted to real
+    neighbours in the same shifted window (exact zero probabilities elsewhere)."""
+    params = _random_msa_params(rng, C, heads, M)
+    x = rng.standard_normal((B, H * W, C))
+    got, _ = wa.window_msa_fwd(x, params, H=H, W=W, num_heads=heads, window_size=M, shift_size=s)
+    hd = C // heads
+    t = (x @ params["qkv.weight"].T + params["qkv.bias"]).reshape(B, H * W, 3, heads, hd)
+    q, k, v = t.transpose(2, 0, 3, 1, 4)                                   # (B, heads, L, hd)
+    o = full_map_attention(q, k, v, params["relative_position_bias_table"], H, W, M, s, hd ** -0.5)
+    ref = o.transpose(0, 2, 1, 3).reshape(B, H * W, C) @ params["proj.weight"].T + params["proj.bias"]
+    assert_close(got, ref, F64N, "two_views", "window_msa vs full-map attention")
+
+
+def test_window_msa_golden(data_dir):
+    """Feed the released attention input back (un-partitioned, un-shifted) and reproduce the
+    released attn_in, attention maps and WindowAttention outputs of every block."""
+    z = np.load(data_dir / "golden_swin_mini_b.npz")
+    for stage, blk, H, shift in [(0, 0, 14, 0), (0, 1, 14, 3), (1, 0, 7, 0), (1, 1, 7, 0)]:
+        p = f"layers.{stage}.blocks.{blk}"
+        pre = f"sd.{p}.attn."
+        params = {k[len(pre):]: z[k].astype(F64) for k in z.files
+                  if k.startswith(pre) and not k.endswith("relative_position_index")}
+        attn_in = z[f"act.{p}.attn_in"]
+        C = attn_in.shape[-1]
+        x = wa.cyclic_shift(wa.window_reverse(attn_in, 7, H, H), -shift).reshape(2, H * H, C)
+        mask = z[f"sd.{p}.attn_mask"].astype(F64) if shift else None
+        for given_mask in (None, mask):
+            out, cache = wa.window_msa_fwd(x, params, H=H, W=H, num_heads=2, window_size=7,
+                                           shift_size=shift, mask=given_mask)
+            np.testing.assert_array_equal(cache["attn_in"], attn_in)
+            assert_close(cache["probs"], z[f"act.{p}.attn_probs"], F64N, "golden_out", p + ".attn_probs")
+            assert_close(cache["attn_out"], z[f"act.{p}.attn"], F64N, "golden_out", p + ".attn")
+        # the branch output is the released 'mid' minus the shortcut (the block input)
+        block_in = z[{(0, 0): "act.patch_embed", (0, 1): "act.layers.0.blocks.0",
+                      (1, 0): "act.layers.0.downsample", (1, 1): "act.layers.1.blocks.0"}[(stage, blk)]]
+        assert_close(out, z[f"act.{p}.mid"] - block_in, F64N, "golden_out", p + " branch output")
+
+
+def test_window_msa_errors(rng):
+    C, heads, M = 4, 2, 2
+    params = _random_msa_params(rng, C, heads, M)
+    x = rng.standard_normal((1, 4 * 6, C))
+    kw = dict(H=4, W=6, num_heads=heads, window_size=M, shift_size=1)
+    wa.window_msa_fwd(x, params, **kw)
+    with pytest.raises(ValueError, match="shift_size"):
+        wa.window_msa_fwd(x, params, **{**kw, "shift_size": 2})
+    with pytest.raises(ValueError, match="W"):
+        wa.window_msa_fwd(rng.standard_normal((1, 4 * 5, C)), params, **{**kw, "W": 5})
+    with pytest.raises(ValueError, match="x"):
+        wa.window_msa_fwd(x, params, **{**kw, "H": 2})
+    with pytest.raises(ValueError, match="num_heads"):
+        wa.window_msa_fwd(x, params, **{**kw, "num_heads": 3})
+    with pytest.raises(ValueError, match="relative_position_bias_table"):
+        wa.window_msa_fwd(x, params, **{**kw, "window_size": 1, "shift_size": 0})
+    with pytest.raises(ValueError, match="missing keys \\['proj.bias'\\]"):
+        wa.window_msa_fwd(x, {k: v for k, v in params.items() if k != "proj.bias"}, **kw)
+    with pytest.raises(ValueError, match="unexpected keys \\['qkv.weights'\\]"):
+        wa.window_msa_fwd(x, {**params, "qkv.weights": params["qkv.weight"]}, **kw)
+    with pytest.raises(ValueError, match="qkv.weight"):
+        wa.window_msa_fwd(x, {**params, "qkv.weight": params["qkv.weight"][:, :3]}, **kw)
+    with pytest.raises(TypeError, match="proj.weight"):
+        wa.window_msa_fwd(x, {**params, "proj.weight": params["proj.weight"].astype(np.float32)}, **kw)
+    with pytest.raises(ValueError, match="mask"):
+        wa.window_msa_fwd(x, params, **kw, mask=np.zeros((2, 4, 4)))
