@@ -21,8 +21,12 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .._validate import check_divisible
+from .._validate import as_float_array, check_divisible, check_shape
+from ..ref import layers as L
+from ..ref import window_attention as wa
 from . import configs
+from .layers import GELU, Conv2d, LayerNorm, Linear
+from .nn import Module
 
 SWIN_NAMES = ("swin", "swin_t", "swin_s", "swin_b")
 # keyword arguments of the released class that do not change the arithmetic here
@@ -134,3 +138,482 @@ def drop_path_rates(cfg: dict) -> list[list[float]]:
     return out
 
 
+
+
+# ---------------------------------------------------------------------------------------
+# Stochastic pieces (identity in eval mode or at rate 0)
+# ---------------------------------------------------------------------------------------
+class Dropout(Module):
+    """``nn.Dropout(p)``: in training, zero each element with probability p and scale the
+    kept ones by 1/(1-p); backward applies the same mask. ``rng`` draws the masks."""
+
+    def __init__(self, p: float, rng: np.random.Generator):
+        super().__init__()
+        self.p, self.rng = float(p), rng
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._cache = None
+            return x
+        self._cache = (self.rng.random(x.shape) >= self.p).astype(x.dtype) / x.dtype.type(1.0 - self.p)
+        return x * self._cache
+
+    def backward(self, dout):
+        return dout if self._cache is None else dout * self._cache
+
+
+class DropPath(Dropout):
+    """Stochastic depth (timm's ``DropPath``): one keep/drop draw per sample."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._cache = None
+            return x
+        keep = (self.rng.random((x.shape[0],) + (1,) * (x.ndim - 1)) >= self.p).astype(x.dtype)
+        self._cache = keep / x.dtype.type(1.0 - self.p)
+        return x * self._cache
+
+
+# ---------------------------------------------------------------------------------------
+# Modules (registration order = the released state_dict order)
+# ---------------------------------------------------------------------------------------
+class WindowAttention(Module):
+    """The released ``WindowAttention`` as a state holder for :func:`window_msa_fwd` (spec §8).
+
+    Own entries, in the released order: ``relative_position_bias_table ((2M-1)^2, nH)``,
+    buffer ``relative_position_index (N, N)`` int64, ``qkv.weight (3C, C)``, ``qkv.bias (3C,)``,
+    ``proj.weight (C, C)``, ``proj.bias (C,)`` (dotted names: the functional op takes them as
+    one dict). Init: table and Linear weights trunc-normal std .02, biases 0.
+    """
+
+    PARAM_KEYS = wa.WINDOW_MSA_PARAM_KEYS
+
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, *, dtype, rng):
+        super().__init__()
+        if not qkv_bias:
+            raise NotImplementedError("qkv_bias=False is not supported by the NumPy Swin (the released "
+                                      "models all use qkv_bias=True)")
+        if qk_scale is not None:
+            raise NotImplementedError("qk_scale is not supported by the NumPy Swin (the released models "
+                                      "use the default head_dim ** -0.5)")
+        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
+        M = window_size
+        self.add_param("relative_position_bias_table", L.trunc_normal(rng, ((2 * M - 1) ** 2, num_heads),
+                                                                      std=0.02, dtype=dtype))
+        self.add_buffer("relative_position_index", wa.relative_position_index(M))
+        self.add_param("qkv.weight", L.trunc_normal(rng, (3 * dim, dim), std=0.02, dtype=dtype))
+        self.add_param("qkv.bias", np.zeros(3 * dim, dtype=dtype))
+        self.add_param("proj.weight", L.trunc_normal(rng, (dim, dim), std=0.02, dtype=dtype))
+        self.add_param("proj.bias", np.zeros(dim, dtype=dtype))
+
+    def params(self) -> dict:
+        """The arrays :func:`window_msa_fwd` takes, including the (loaded) index buffer."""
+        out = {k: self._params[k] for k in self.PARAM_KEYS}
+        out["relative_position_index"] = self._buffers["relative_position_index"]
+        return out
+
+
+class Mlp(Module):
+    """fc1 (C -> hidden) -> exact GELU -> Dropout -> fc2 (hidden -> C) -> Dropout."""
+
+    def __init__(self, dim, hidden, drop, *, dtype, rng):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden, dtype=dtype, rng=rng)
+        self.act = GELU()
+        self.fc2 = Linear(hidden, dim, dtype=dtype, rng=rng)
+        object.__setattr__(self, "drop1", Dropout(drop, rng))  # stateless: not in the state_dict
+        object.__setattr__(self, "drop2", Dropout(drop, rng))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.drop1.train(mode)
+        self.drop2.train(mode)
+        return self
+
+    def forward(self, x):
+        return self.drop2.forward(self.fc2.forward(self.drop1.forward(self.act.forward(self.fc1.forward(x)))))
+
+    def backward(self, dout):
+        d = self.fc2.backward(self.drop2.backward(dout))
+        return self.fc1.backward(self.act.backward(self.drop1.backward(d)))
+
+
+class SwinTransformerBlock(Module):
+    """Pre-norm Swin block on tokens x (B, H*W, C) (spec §5)::
+
+        x = x + drop_path((S)W-MSA(mix_input(norm1(x))))
+        x = x + drop_path(mlp(norm2(x)))
+
+    ``window_size`` / ``shift_size`` are the values after the shrink rule. State order:
+    ``attn_mask`` (buffer, only if shift > 0), ``norm1``, ``attn``, ``norm2``, ``mlp``.
+    ``mix_input(u, shortcut)`` / ``mix_input_backward(du)`` are the hook SparX-Swin
+    overrides (identity here). ``backward(dout)`` returns ``(dx, dshortcut)``.
+    """
+
+    def __init__(self, dim, input_resolution, num_heads, window_size, shift_size, mlp_ratio=4.0,
+                 qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0, *, dtype, rng):
+        super().__init__()
+        if attn_drop:
+            raise NotImplementedError("attn_drop_rate > 0 is not supported by the NumPy Swin")
+        if drop:
+            raise NotImplementedError("drop_rate > 0 is not supported by the NumPy Swin")
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size must be in [0, window_size={window_size}), got {shift_size}")
+        self.dim, self.num_heads = dim, num_heads
+        self.H, self.W = input_resolution
+        self.window_size, self.shift_size = window_size, shift_size
+        if shift_size > 0:
+            self.add_buffer("attn_mask", wa.shifted_window_mask(self.H, self.W, window_size, shift_size,
+                                                                dtype=dtype))
+        self.norm1 = LayerNorm(dim, dtype=dtype)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, dtype=dtype, rng=rng)
+        self.norm2 = LayerNorm(dim, dtype=dtype)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, dtype=dtype, rng=rng)
+        object.__setattr__(self, "drop_path1", DropPath(drop_path, rng))
+        object.__setattr__(self, "drop_path2", DropPath(drop_path, rng))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.drop_path1.train(mode)
+        self.drop_path2.train(mode)
+        return self
+
+    # -- the SparX-Swin hook --------------------------------------------------------------
+    def mix_input(self, u, shortcut):
+        """norm1(x) (B, L, C) -> the window attention's input (B, L, C). Identity in Swin."""
+        return u
+
+    def mix_input_backward(self, du):
+        """Backward of :meth:`mix_input`: returns (d norm1(x), d shortcut or None)."""
+        return du, None
+
+    # -- computation ----------------------------------------------------------------------
+    def forward(self, x, shortcut=None, rec=None, name=""):
+        B, Ltok, C = x.shape
+        if (Ltok, C) != (self.H * self.W, self.dim):
+            raise ValueError(f"{name or 'block'}: x must have shape (B, {self.H * self.W}, {self.dim}), "
+                             f"got {x.shape}")
+        u = self.mix_input(self.norm1.forward(x), shortcut)
+        y, msa_cache = wa.window_msa_fwd(u, self.attn.params(), H=self.H, W=self.W, num_heads=self.num_heads,
+                                         window_size=self.window_size, shift_size=self.shift_size,
+                                         mask=self._buffers.get("attn_mask"))
+        self._cache = msa_cache
+        mid = x + self.drop_path1.forward(y)
+        out = mid + self.drop_path2.forward(self.mlp.forward(self.norm2.forward(mid)))
+        if rec is not None:
+            rec[name + ".attn_in"] = msa_cache["attn_in"]
+            rec[name + ".attn_probs"] = msa_cache["probs"]
+            rec[name + ".attn"] = msa_cache["attn_out"]
+            rec[name + ".mid"] = mid
+            rec[name] = out
+        return out
+
+    def backward(self, dout):
+        dmid = dout + self.norm2.backward(self.mlp.backward(self.drop_path2.backward(dout)))
+        g = wa.window_msa_bwd(self.drop_path1.backward(dmid), self._cache)
+        for key in WindowAttention.PARAM_KEYS:
+            self.attn.accumulate_grad(key, g[key])
+        du, dshortcut = self.mix_input_backward(g["x"])
+        return dmid + self.norm1.backward(du), dshortcut
+
+
+class PatchMerging(Module):
+    """(B, H*W, C) -> (B, H/2*W/2, 2C): 2x2 gather in the order (0,0), (1,0), (0,1), (1,1),
+    LayerNorm(4C), Linear(4C -> 2C) without bias (spec §9). ``reduction`` is registered
+    before ``norm`` (released state_dict order)."""
+
+    def __init__(self, input_resolution, dim, *, dtype, rng):
+        super().__init__()
+        self.H, self.W = input_resolution
+        self.dim = dim
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False, dtype=dtype, rng=rng)
+        self.norm = LayerNorm(4 * dim, dtype=dtype)
+
+    def forward(self, x):
+        return self.reduction.forward(self.norm.forward(wa.patch_merge_gather(x, self.H, self.W)))
+
+    def backward(self, dout):
+        return wa.patch_merge_scatter(self.norm.backward(self.reduction.backward(dout)), self.H, self.W)
+
+
+class ModuleList(Module):
+    """Children "0", "1", ... (``nn.ModuleList``); iterable."""
+
+    def __init__(self, modules):
+        super().__init__()
+        for i, m in enumerate(modules):
+            self.add_child(str(i), m)
+
+    def __iter__(self):
+        return iter(self._children.values())
+
+    def __len__(self):
+        return len(self._children)
+
+    def __getitem__(self, i):
+        return self._children[str(i)]
+
+
+class BasicLayer(Module):
+    """One stage: ``blocks`` (depth Swin blocks) then ``downsample`` (PatchMerging) except
+    in the last stage."""
+
+    block_class = SwinTransformerBlock
+
+    def __init__(self, stage: dict, cfg: dict, drop_path: list, stage_index: int, *, dtype, rng):
+        super().__init__()
+        self.stage_index = stage_index
+        self.blocks = ModuleList([
+            self.block_class(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
+                             cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
+                             cfg["attn_drop_rate"], drop_path[j], dtype=dtype, rng=rng)
+            for j, (M, shift) in enumerate(stage["blocks"])])
+        if stage["downsample"]:
+            self.downsample = PatchMerging((stage["H"], stage["W"]), stage["dim"], dtype=dtype, rng=rng)
+        else:
+            object.__setattr__(self, "downsample", None)
+
+    def forward(self, x, rec=None):
+        for j, block in enumerate(self.blocks):
+            x = block.forward(x, None, rec, f"layers.{self.stage_index}.blocks.{j}")
+        if self.downsample is not None:
+            x = self.downsample.forward(x)
+            if rec is not None:
+                rec[f"layers.{self.stage_index}.downsample"] = x
+        return x
+
+    def backward(self, dout):
+        if self.downsample is not None:
+            dout = self.downsample.backward(dout)
+        for block in reversed(list(self.blocks)):
+            dout, _ = block.backward(dout)
+        return dout
+
+
+class PatchEmbed(Module):
+    """Conv2d(in_chans -> C0, kernel = stride = patch, PyTorch default init) -> tokens
+    (B, H0*W0, C0) row-major -> LayerNorm(C0) if patch_norm (spec §3)."""
+
+    def __init__(self, cfg: dict, *, dtype, rng):
+        super().__init__()
+        p = cfg["patch_size"]
+        self.proj = Conv2d(cfg["in_chans"], cfg["embed_dim"], p, stride=p, dtype=dtype, rng=rng,
+                           init="torch_default")
+        if cfg["patch_norm"]:
+            self.norm = LayerNorm(cfg["embed_dim"], dtype=dtype)
+        else:
+            object.__setattr__(self, "norm", None)
+
+    def forward(self, x):
+        y = self.proj.forward(x)                                   # (B, C0, H0, W0)
+        self._cache = y.shape
+        tokens = y.reshape(y.shape[0], y.shape[1], -1).transpose(0, 2, 1)
+        return self.norm.forward(tokens) if self.norm is not None else tokens
+
+    def backward(self, dout):
+        if self.norm is not None:
+            dout = self.norm.backward(dout)
+        return self.proj.backward(np.ascontiguousarray(dout.transpose(0, 2, 1)).reshape(self._cache))
+
+
+class SwinTransformer(Module):
+    """The original Swin Transformer classifier as a NumPy model (spec §1 - §12).
+
+    Model API (shared with the SparX-Mamba NumPy model): ``forward(x)`` (B, in_chans, H, W),
+    (H, W) == img_size -> logits (B, num_classes); ``backward(dlogits)`` -> dx, filling
+    ``grads`` (gradients of this backward pass only); ``forward_features(x)`` -> list of the
+    stage outputs (each BasicLayer's output, after its PatchMerging, (B, L_s, C_s) tokens);
+    ``state_dict`` / ``load_state_dict`` (released keys; missing relative_position_index /
+    attn_mask buffers are rebuilt) / ``num_parameters`` / ``train`` / ``eval``;
+    ``record = True`` fills ``recorded`` under the golden file's ``act.*`` names.
+    """
+
+    layer_class = BasicLayer
+
+    def __init__(self, cfg: dict, *, dtype=np.float64, seed=0):
+        super().__init__()
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        rng = np.random.default_rng(seed)
+        object.__setattr__(self, "cfg", cfg)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "geometry", stage_geometry(cfg))
+        self.num_layers = len(cfg["depths"])
+        self.num_features = cfg["embed_dim"] * 2 ** (self.num_layers - 1)
+        self.record, self.recorded = False, OrderedDict()
+        if cfg["ape"]:
+            L0 = self.geometry[0]["H"] * self.geometry[0]["W"]
+            self.add_param("absolute_pos_embed", L.trunc_normal(rng, (1, L0, cfg["embed_dim"]), std=0.02,
+                                                                dtype=dtype))
+        if cfg["drop_rate"]:
+            raise NotImplementedError("drop_rate > 0 is not supported by the NumPy Swin")
+        self.patch_embed = PatchEmbed(cfg, dtype=dtype, rng=rng)
+        rates = drop_path_rates(cfg)
+        self.layers = ModuleList([self._make_layer(stage, cfg, rates[i], i, dtype=dtype, rng=rng)
+                                  for i, stage in enumerate(self.geometry)])
+        self.norm = LayerNorm(self.num_features, dtype=dtype)
+        if cfg["num_classes"] > 0:
+            self.head = Linear(self.num_features, cfg["num_classes"], dtype=dtype, rng=rng)
+        else:
+            object.__setattr__(self, "head", None)
+
+    def _make_layer(self, stage, cfg, rates, i, *, dtype, rng):
+        return self.layer_class(stage, cfg, rates, i, dtype=dtype, rng=rng)
+
+    def train(self, mode: bool = True):
+        """Switch train/eval everywhere, including the stateless dropout / drop-path modules."""
+        super().train(mode)
+        for _, mod in self.named_modules():
+            for attr in ("drop1", "drop2", "drop_path1", "drop_path2"):
+                if attr in mod.__dict__:
+                    object.__setattr__(mod.__dict__[attr], "training", mode)
+        return self
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def load_state_dict(self, state, strict: bool = True) -> dict:
+        """Released keys; relative_position_index / attn_mask buffers missing from ``state``
+        are rebuilt (kept from construction), as the official loader does (spec §12)."""
+        state = dict(state)
+        for key, value in self.state_dict().items():
+            if key not in state and key.endswith(("relative_position_index", "attn_mask")):
+                state[key] = value
+        return super().load_state_dict(state, strict=strict)
+
+    # -- forward / backward ---------------------------------------------------------------
+    def _check_input(self, x):
+        x = as_float_array("x", x, ndim=4)
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the model's dtype {self.dtype}, got {x.dtype} (use model.astype)")
+        check_shape("x", x, (None, self.cfg["in_chans"]) + tuple(self.cfg["img_size"]))
+        return x
+
+    def _stages(self, x, rec):
+        x = self._check_input(x)
+        self.zero_grad()
+        t = self.patch_embed.forward(x)
+        if "absolute_pos_embed" in self._params:
+            t = t + self.absolute_pos_embed
+        if rec is not None:
+            rec["patch_embed"] = t
+        outs = []
+        for layer in self.layers:
+            t = layer.forward(t, rec)
+            outs.append(t)
+        return outs
+
+    def forward_features(self, x):
+        """List of the stage outputs, (B, L_s, C_s) tokens (after each PatchMerging)."""
+        return self._stages(x, None)
+
+    def forward(self, x):
+        rec = OrderedDict() if self.record else None
+        t = self.norm.forward(self._stages(x, rec)[-1])
+        pooled = t.mean(axis=1)                                    # AdaptiveAvgPool1d(1) over tokens
+        self._cache = t.shape
+        if rec is not None:
+            rec["norm"] = t
+            rec["pooled"] = pooled
+            self.recorded = rec
+        return self.head.forward(pooled) if self.head is not None else pooled
+
+    def backward(self, dlogits):
+        """Gradient of ``sum(logits * dlogits)``: returns dx (B, in_chans, H, W); parameter
+        gradients land in ``self.grads`` (cleared at the start of every forward)."""
+        dlogits = as_float_array("dlogits", dlogits, ndim=2, dtype=self.dtype)
+        B, Ltok, C = self._cache
+        dpooled = self.head.backward(dlogits) if self.head is not None else dlogits
+        check_shape("d pooled", dpooled, (B, C))
+        dt = self.norm.backward(np.broadcast_to(dpooled[:, None, :] / Ltok, (B, Ltok, C)).copy())
+        for layer in reversed(list(self.layers)):
+            dt = layer.backward(dt)
+        if "absolute_pos_embed" in self._params:
+            self.accumulate_grad("absolute_pos_embed", dt.sum(axis=0, keepdims=True))
+        return self.patch_embed.backward(dt)
+
+
+def build(name: str, dtype=np.float64, seed=0, **overrides) -> SwinTransformer:
+    """Build ``swin_t | swin_s | swin_b | swin`` (NumPy) with the released keyword names as
+    overrides; ``dtype`` (float64 default) and ``seed`` (init RNG) are extra keywords."""
+    return SwinTransformer(resolve_config(name, overrides), dtype=dtype, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------
+# timm checkpoints
+# ---------------------------------------------------------------------------------------
+_LAYERS_UNDERSCORE = re.compile(r"^layers_(\d+)\.")
+_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def _unwrap(state):
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    return state
+
+
+def _timm_downsample_layout(keys) -> bool:
+    """True when the last stage holds a PatchMerging (timm >= 0.9 puts it at the start of
+    stages 1..S-1; the released code at the end of stages 0..S-2)."""
+    keys = [_LAYERS_UNDERSCORE.sub(lambda m: f"layers.{m.group(1)}.", k) for k in keys]
+    downsample_stages = {int(m.group(1)) for k in keys if (m := _DOWNSAMPLE.match(k))}
+    stages = {int(m.group(1)) for k in keys if (m := _LAYER_KEY.match(k))}
+    return bool(downsample_stages) and max(stages) in downsample_stages
+
+
+def is_timm_swin_state_dict(state) -> bool:
+    """True for a Swin state dict in timm's (>= 0.9) layout, which needs
+    :func:`convert_timm_swin_state_dict`: classifier under ``head.fc.*``, PatchMerging stored
+    at the start of the *next* stage (``layers.{i+1}.downsample.*``), or ``layers_{i}.``
+    module names. The released layout (and timm's older, identical one) gives False."""
+    state = _unwrap(state)
+    keys = list(state)
+    if not any(k.endswith("relative_position_bias_table") for k in keys):
+        return False
+    return (any(_LAYERS_UNDERSCORE.match(k) for k in keys) or "head.fc.weight" in state
+            or _timm_downsample_layout(keys))
+
+
+def _released_sort_key(key: str):
+    """Order keys as the released state_dict does: absolute_pos_embed, patch_embed, layers
+    (blocks before the downsample), norm, head; ties keep their order (stable sort)."""
+    m = _LAYER_KEY.match(key)
+    if key.startswith("absolute_pos_embed"):
+        return (0, 0, 0)
+    if key.startswith("patch_embed."):
+        return (1, 0, 0)
+    if m:
+        return (2, int(m.group(1)), 1 if ".downsample." in key else 0)
+    if key.startswith("norm."):
+        return (3, 0, 0)
+    return (4, 0, 0)
+
+
+def convert_timm_swin_state_dict(state) -> "OrderedDict":
+    """timm's ``swin_*_patch4_window7_224`` layout -> the released one (values untouched).
+
+    - ``layers_{i}.`` -> ``layers.{i}.`` (feature-extraction wrappers);
+    - ``layers.{i}.downsample.*`` -> ``layers.{i-1}.downsample.*`` when the last stage holds
+      a PatchMerging (timm >= 0.9 runs it at the start of the next stage; same tensors, and
+      its 2x2 gather has the released order);
+    - ``head.fc.*`` -> ``head.*``;
+    - ``relative_position_index`` / ``attn_mask`` entries are dropped: the models rebuild
+      them (recent timm does not save them).
+    A checkpoint wrapped as {"model": ...} or {"state_dict": ...} is unwrapped. Keys come
+    out in the released order. Works on NumPy arrays and torch tensors alike (no torch import).
+    """
+    state = _unwrap(state)
+    shift_downsample = _timm_downsample_layout(list(state))
+    out = []
+    for key, value in state.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        key = _LAYERS_UNDERSCORE.sub(lambda m: f"layers.{m.group(1)}.", key)
+        m = _DOWNSAMPLE.match(key)
+        if shift_downsample and m:
+            key = f"layers.{int(m.group(1)) - 1}.downsample." + key[m.end():]
+        if key.startswith("head.fc."):
+            key = "head." + key[len("head.fc."):]
+        out.append((key, value))
+    return OrderedDict(sorted(out, key=lambda kv: _released_sort_key(kv[0])))
