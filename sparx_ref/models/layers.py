@@ -62,7 +62,17 @@ def _init_weight_bias(init, rng, wshape, fan_in, bias, dtype):
     return w, b
 
 
-class Conv2d(Module):
+class _WeightBiasLayer(Module):
+    """Conv2d / Linear: a weight and an optional bias, both trainable."""
+
+    def _accumulate_weight_bias(self, g):
+        self.accumulate_grad("weight", g["weight"])
+        if "bias" in self._params:
+            self.accumulate_grad("bias", g["bias"])
+        return g["x"]
+
+
+class Conv2d(_WeightBiasLayer):
     """``torch.nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=bias)``.
 
     Params: weight (cout, cin/groups, kh, kw), bias (cout,) if bias. x: (B, cin, H, W).
@@ -91,14 +101,10 @@ class Conv2d(Module):
         return out
 
     def backward(self, dout):
-        g = L.conv2d_bwd(dout, self._cache)
-        self.accumulate_grad("weight", g["weight"])
-        if "bias" in self._params:
-            self.accumulate_grad("bias", g["bias"])
-        return g["x"]
+        return self._accumulate_weight_bias(L.conv2d_bwd(dout, self._cache))
 
 
-class Linear(Module):
+class Linear(_WeightBiasLayer):
     """``torch.nn.Linear(in_features, out_features, bias)``. x: (..., in) -> (..., out)."""
 
     def __init__(self, in_features, out_features, bias=True, *, dtype=np.float64, rng=None,
@@ -116,11 +122,7 @@ class Linear(Module):
         return out
 
     def backward(self, dout):
-        g = L.linear_bwd(dout, self._cache)
-        self.accumulate_grad("weight", g["weight"])
-        if "bias" in self._params:
-            self.accumulate_grad("bias", g["bias"])
-        return g["x"]
+        return self._accumulate_weight_bias(L.linear_bwd(dout, self._cache))
 
 
 class _AffineNorm(Module):
