@@ -358,20 +358,21 @@ class BasicLayer(Module):
     """One stage: ``blocks`` (depth Swin blocks) then ``downsample`` (PatchMerging) except
     in the last stage."""
 
-    block_class = SwinTransformerBlock
-
     def __init__(self, stage: dict, cfg: dict, drop_path: list, stage_index: int, *, dtype, rng):
         super().__init__()
         self.stage_index = stage_index
-        self.blocks = ModuleList([
-            self.block_class(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
-                             cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
-                             cfg["attn_drop_rate"], drop_path[j], dtype=dtype, rng=rng)
-            for j, (M, shift) in enumerate(stage["blocks"])])
+        self.blocks = ModuleList([self.make_block(stage, cfg, j, drop_path[j], dtype=dtype, rng=rng)
+                                  for j in range(len(stage["blocks"]))])
         if stage["downsample"]:
             self.downsample = PatchMerging((stage["H"], stage["W"]), stage["dim"], dtype=dtype, rng=rng)
         else:
             object.__setattr__(self, "downsample", None)
+
+    def make_block(self, stage: dict, cfg: dict, j: int, drop_path: float, *, dtype, rng) -> Module:
+        M, shift = stage["blocks"][j]
+        return SwinTransformerBlock(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
+                                    cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
+                                    cfg["attn_drop_rate"], drop_path, dtype=dtype, rng=rng)
 
     def forward(self, x, rec=None):
         for j, block in enumerate(self.blocks):
@@ -450,16 +451,13 @@ class SwinTransformer(Module):
             raise NotImplementedError("drop_rate > 0 is not supported by the NumPy Swin")
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rng=rng)
         rates = drop_path_rates(cfg)
-        self.layers = ModuleList([self._make_layer(stage, cfg, rates[i], i, dtype=dtype, rng=rng)
+        self.layers = ModuleList([self.layer_class(stage, cfg, rates[i], i, dtype=dtype, rng=rng)
                                   for i, stage in enumerate(self.geometry)])
         self.norm = LayerNorm(self.num_features, dtype=dtype)
         if cfg["num_classes"] > 0:
             self.head = Linear(self.num_features, cfg["num_classes"], dtype=dtype, rng=rng)
         else:
             object.__setattr__(self, "head", None)
-
-    def _make_layer(self, stage, cfg, rates, i, *, dtype, rng):
-        return self.layer_class(stage, cfg, rates, i, dtype=dtype, rng=rng)
 
     def train(self, mode: bool = True):
         """Switch train/eval everywhere, including the stateless dropout / drop-path modules."""

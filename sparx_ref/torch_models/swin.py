@@ -214,17 +214,18 @@ class PatchMerging(nn.Module):
 class BasicLayer(nn.Module):
     """One stage: ``blocks`` then (except in the last stage) ``downsample``."""
 
-    block_class = SwinTransformerBlock
-
     def __init__(self, stage: dict, cfg: dict, drop_path: list, stage_index: int):
         super().__init__()
         self.stage_index = stage_index
-        self.blocks = nn.ModuleList([
-            self.block_class(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
-                             cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
-                             cfg["attn_drop_rate"], drop_path[j])
-            for j, (M, shift) in enumerate(stage["blocks"])])
+        self.blocks = nn.ModuleList([self.make_block(stage, cfg, j, drop_path[j])
+                                     for j in range(len(stage["blocks"]))])
         self.downsample = PatchMerging((stage["H"], stage["W"]), stage["dim"]) if stage["downsample"] else None
+
+    def make_block(self, stage: dict, cfg: dict, j: int, drop_path: float) -> nn.Module:
+        M, shift = stage["blocks"][j]
+        return SwinTransformerBlock(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
+                                    cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
+                                    cfg["attn_drop_rate"], drop_path)
 
     def forward(self, x, rec=None):
         for j, block in enumerate(self.blocks):
