@@ -21,7 +21,16 @@ $(STAMP): requirements-dev.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 	NUMBA_ENABLE_CUDASIM=0 $(PY) -m pytest -q -p no:cacheprovider tests/compile_checks.py
-	$(PY) -m pytest -q --nbmake -n 2 lessons/_build
+	$(MAKE) lessons
+
+# The lessons: build notebooks from the jupytext sources (lessons/NN_*.py, the one source of
+# truth) into lessons/_notebooks (git-ignored), then run every notebook top to bottom.
+# (Not lessons/_build: nbmake never collects a path with a "_build" folder in it.)
+LESSONS := $(wildcard lessons/[0-9][0-9]_*.py)
+lessons: $(STAMP)
+	rm -rf lessons/_notebooks && mkdir -p lessons/_notebooks
+	for f in $(LESSONS); do $(PY) -m jupytext --quiet --to ipynb --output lessons/_notebooks/$$(basename $$f .py).ipynb $$f || exit 1; done
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -p no:cacheprovider --nbmake -n 2 --durations=0 lessons/_notebooks
 
 demo: $(STAMP)
 	$(PY) -m sparx_ref.demo
@@ -30,4 +39,4 @@ gpu-check: $(STAMP)
 	./scripts/gpu-check
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis lessons/_build
+	rm -rf $(VENV) .pytest_cache .hypothesis lessons/_notebooks
