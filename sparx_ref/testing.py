@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .tolerances import tolerance
+from .tolerances import _dtype_name, tolerance
 
 
 def _to_numpy(a):
@@ -47,7 +47,7 @@ def assert_close(got, ref, dtype, kind: str, name: str = "tensor") -> float:
     """Assert ``rel_err(got, ref) <= tolerance(dtype, kind)``; return the error."""
     err = rel_err(got, ref)
     tol = tolerance(dtype, kind)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} ({np.dtype(str(dtype).replace('torch.', '')).name}, {kind})"
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} ({_dtype_name(dtype)}, {kind})"
     return err
 
 

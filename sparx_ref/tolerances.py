@@ -44,9 +44,16 @@ TOLERANCES: dict[tuple[str, str], float] = {
 }
 
 
+def _dtype_name(dtype) -> str:
+    """'float32'/'float64' from a NumPy dtype or type, a string, or a torch dtype."""
+    if isinstance(dtype, str) or type(dtype).__module__.startswith("torch"):
+        return np.dtype(str(dtype).replace("torch.", "")).name
+    return np.dtype(dtype).name
+
+
 def tolerance(dtype, kind: str) -> float:
     """Return the tolerance for ``dtype`` (a NumPy/torch dtype or its name) and ``kind``."""
-    name = np.dtype(str(dtype).replace("torch.", "")).name
+    name = _dtype_name(dtype)
     try:
         return TOLERANCES[(name, kind)]
     except KeyError:
