@@ -44,7 +44,38 @@ _TABLE: list[Entry] = [
     # --- scan kernels (issue: scan kernels) -------------------------------------------
     # rows added by sparx_ref/kernels/*/scan.py work
     # --- attention kernels (issue: attention kernels) ---------------------------------
-    # rows added by sparx_ref/kernels/*/attention.py work
+    Entry("window_attention_fwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_naive", False,
+          "explicit form: one thread per score / softmax row / output element, intermediates in device memory"),
+    Entry("window_attention_fwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_fused", True,
+          "one block per (window, head): N x N scores in shared memory, fused bias+mask+softmax+P v, 4x4 register tiles"),
+    Entry("window_attention_bwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_naive", False,
+          "explicit backward: one thread per gradient element, dS through device memory, dbias by a column sum"),
+    Entry("window_attention_bwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_fused", True,
+          "one block per (head, window set): P and dS in shared memory, dbias in per-block slabs (no atomics)"),
+    Entry("dmca_attention_fwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:dmca_attention_fwd_naive", False,
+          "explicit form: one thread per score / softmax row / output element"),
+    Entry("dmca_attention_fwd", "numba_cuda", "tiled", "sparx_ref.kernels.numba_cuda.attention:dmca_attention_fwd_tiled", True,
+          "shared-memory tiled GEMMs (64x64 tile, 4x4 per thread), coalesced along the contiguous axis"),
+    Entry("dmca_attention_bwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:dmca_attention_bwd_naive", False,
+          "explicit backward: one thread per gradient element"),
+    Entry("dmca_attention_bwd", "numba_cuda", "tiled", "sparx_ref.kernels.numba_cuda.attention:dmca_attention_bwd_tiled", True,
+          "tiled GEMMs for dv = P^T dout, dP = dout v^T, dq = dS k, dk = dS^T q"),
+    Entry("window_attention_fwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:window_attention_fwd_naive", False,
+          "explicit form: one thread per score / softmax row / output element, intermediates in device memory"),
+    Entry("window_attention_fwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_fwd_fused", True,
+          "one block per (window, head): N x N scores in shared memory, fused bias+mask+softmax+P v, 4x4 register tiles"),
+    Entry("window_attention_bwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:window_attention_bwd_naive", False,
+          "explicit backward: one thread per gradient element, dS through device memory, dbias by a column sum"),
+    Entry("window_attention_bwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_bwd_fused", True,
+          "one block per (head, window set): P and dS in shared memory, dbias in per-block slabs (no atomics)"),
+    Entry("dmca_attention_fwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:dmca_attention_fwd_naive", False,
+          "explicit form: one thread per score / softmax row / output element"),
+    Entry("dmca_attention_fwd", "cupy", "tiled", "sparx_ref.kernels.cupy.attention:dmca_attention_fwd_tiled", True,
+          "shared-memory tiled GEMMs (64x64 tile, 4x4 per thread), coalesced along the contiguous axis"),
+    Entry("dmca_attention_bwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:dmca_attention_bwd_naive", False,
+          "explicit backward: one thread per gradient element"),
+    Entry("dmca_attention_bwd", "cupy", "tiled", "sparx_ref.kernels.cupy.attention:dmca_attention_bwd_tiled", True,
+          "tiled GEMMs for dv = P^T dout, dP = dout v^T, dq = dS k, dk = dS^T q"),
 ]
 
 

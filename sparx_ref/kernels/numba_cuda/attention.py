@@ -1,0 +1,772 @@
+"""Numba-CUDA kernels for the two attention cores of SparX (Python written for the GPU).
+
+Mirrors :mod:`sparx_ref.ref.window_attention` (``window_attention_fwd/bwd``) and
+:mod:`sparx_ref.ref.dmca` (``dmca_attention_fwd/bwd``) with the same signatures, semantics
+and returns, on device arrays: numba device arrays, CuPy arrays or anything exposing
+``__cuda_array_interface__`` (outputs are CuPy arrays when the inputs were CuPy, numba
+device arrays otherwise). float32 is the target; float64 works too; anything else raises
+TypeError. The kernels also run under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``),
+which is how CI tests them; there the fused and tiled kernels use smaller blocks.
+
+The ladder is the one of :mod:`sparx_ref.kernels.cupy.attention` (read its docstring):
+``naive`` (one thread per output element, every intermediate in device memory) and
+``fused`` (window attention: one block per window and head, scores in shared memory) /
+``tiled`` (DMCA: shared-memory tiled GEMMs). Two differences, both because the simulator
+has no warp shuffles: softmax rows are one thread per row (inside the fused kernels, with
+separate coalesced passes for the device-memory reads and writes), and the fused kernels
+fall back to ``naive`` when their shared-memory tiles would pass 48 KB (float64 with
+8 x 8 windows), since Numba cannot raise a kernel's dynamic shared-memory limit.
+
+Every kernel works on flat, C-contiguous 1-D views; shapes and strides travel as ints.
+Kernels are built per dtype by factories (``_build``): the dtype is a compile-time
+constant there, so float32 arithmetic never widens to float64 through a Python literal.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numba import cuda
+
+__all__ = [
+    "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
+    "window_attention_fwd_naive", "window_attention_bwd_naive",
+    "window_attention_fwd_fused", "window_attention_bwd_fused",
+    "dmca_attention_fwd_naive", "dmca_attention_bwd_naive",
+    "dmca_attention_fwd_tiled", "dmca_attention_bwd_tiled",
+    "PTX_KERNELS",
+]
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+MICRO = 4                         # every thread owns a MICRO x MICRO register tile
+TK = 16                           # k chunk of the tiled GEMM
+TILE = 32 if SIMULATOR else 64    # output tile side of the tiled GEMM (64 threads in the simulator)
+THREADS = 64 if SIMULATOR else 256          # 1-D launches
+FUSED_THREADS = 64 if SIMULATOR else 128    # fused window kernels
+SMEM_LIMIT = 48 * 1024
+NPART_MAX = 4 if SIMULATOR else 256         # bias-gradient slabs per head (fused backward)
+
+
+def _build(T, tile):
+    """Compile-once factory: every kernel for element type ``T`` (numba float32/float64)."""
+    tpd = tile // MICRO
+    tile_ld = tile + 1      # shared tile row length (+1 against bank conflicts); a compile-time constant
+    zero = T(0)
+    neg_big = T(-3.0e38)
+
+    # ------------------------------------------------------------------ generic pieces
+    @cuda.jit
+    def bmm_naive(A, B, C, batch, M, N, K, sAb, sAm, sAk, sBb, sBk, sBn, alpha):
+        """C[b, m, n] = alpha * sum_k A(b, m, k) B(b, k, n); one thread per output."""
+        idx = cuda.grid(1)
+        if idx >= batch * M * N:
+            return
+        n = idx % N
+        t = idx // N
+        m = t % M
+        b = t // M
+        a0 = b * sAb + m * sAm
+        b0 = b * sBb + n * sBn
+        acc = zero
+        for k in range(K):
+            acc += A[a0 + k * sAk] * B[b0 + k * sBk]
+        C[idx] = alpha * acc
+
+    @cuda.jit
+    def bmm_tiled(A, B, C, batch, M, N, K, sAb, sAm, sAk, sBb, sBk, sBn, alpha):
+        """tile x tile outputs per block, k in chunks of TK through shared memory,
+        4x4 interleaved register tile per thread (rows ty + tpd*r, cols tx + tpd*c)."""
+        As = cuda.shared.array((TK, tile_ld), T)
+        Bs = cuda.shared.array((TK, tile_ld), T)
+        tid = cuda.threadIdx.x
+        tx = tid % tpd
+        ty = tid // tpd
+        m0 = cuda.blockIdx.y * tile
+        n0 = cuda.blockIdx.x * tile
+        b = cuda.blockIdx.z
+        a_base = b * sAb
+        b_base = b * sBb
+        acc = cuda.local.array((MICRO, MICRO), T)
+        for r in range(MICRO):
+            for c in range(MICRO):
+                acc[r, c] = zero
+        a_k_contig = sAk == 1
+        b_n_contig = sBn == 1
+        for k0 in range(0, K, TK):
+            for e in range(tid, tile * TK, tpd * tpd):
+                if a_k_contig:
+                    mm = e // TK
+                    kk = e % TK
+                else:
+                    kk = e // tile
+                    mm = e % tile
+                gm = m0 + mm
+                gk = k0 + kk
+                if gm < M and gk < K:
+                    As[kk, mm] = A[a_base + gm * sAm + gk * sAk]
+                else:
+                    As[kk, mm] = zero
+                if b_n_contig:
+                    kb = e // tile
+                    nn = e % tile
+                else:
+                    nn = e // TK
+                    kb = e % TK
+                gn = n0 + nn
+                gkb = k0 + kb
+                if gn < N and gkb < K:
+                    Bs[kb, nn] = B[b_base + gkb * sBk + gn * sBn]
+                else:
+                    Bs[kb, nn] = zero
+            cuda.syncthreads()
+            for kk in range(TK):
+                a0 = As[kk, ty]
+                a1 = As[kk, ty + tpd]
+                a2 = As[kk, ty + 2 * tpd]
+                a3 = As[kk, ty + 3 * tpd]
+                for c in range(MICRO):
+                    bv = Bs[kk, tx + tpd * c]
+                    acc[0, c] += a0 * bv
+                    acc[1, c] += a1 * bv
+                    acc[2, c] += a2 * bv
+                    acc[3, c] += a3 * bv
+            cuda.syncthreads()
+        c_base = b * M * N
+        for r in range(MICRO):
+            gm = m0 + ty + tpd * r
+            if gm < M:
+                for c in range(MICRO):
+                    gn = n0 + tx + tpd * c
+                    if gn < N:
+                        C[c_base + gm * N + gn] = alpha * acc[r, c]
+
+    @cuda.jit
+    def softmax_rows(S, bias, mask, rows, N, nH, nW, has_bias, has_mask):
+        """Row r = (bw*nH + h)*N + i of S (rows, N): add bias[h], mask[bw % nW]; softmax in place.
+        One thread per row."""
+        r = cuda.grid(1)
+        if r >= rows:
+            return
+        i = r % N
+        bh = r // N
+        h = bh % nH
+        w = (bh // nH) % nW
+        s0 = r * N
+        mx = neg_big
+        for j in range(N):
+            x = S[s0 + j]
+            if has_bias:
+                x += bias[(h * N + i) * N + j]
+            if has_mask:
+                x += mask[(w * N + i) * N + j]
+            S[s0 + j] = x
+            mx = max(mx, x)
+        total = zero
+        for j in range(N):
+            e = math.exp(S[s0 + j] - mx)
+            S[s0 + j] = e
+            total += e
+        for j in range(N):
+            S[s0 + j] = S[s0 + j] / total
+
+    @cuda.jit
+    def softmax_bwd_rows(P, dP, rows, N):
+        """dS = P * (dP - sum_j P*dP) over dP; one thread per row."""
+        r = cuda.grid(1)
+        if r >= rows:
+            return
+        s0 = r * N
+        dot = zero
+        for j in range(N):
+            dot += P[s0 + j] * dP[s0 + j]
+        for j in range(N):
+            dP[s0 + j] = P[s0 + j] * (dP[s0 + j] - dot)
+
+    @cuda.jit
+    def sum_leading(X, out, nb, inner):
+        """out[e] = sum_b X[b*inner + e]; one thread per e (coalesced)."""
+        e = cuda.grid(1)
+        if e >= inner:
+            return
+        acc = zero
+        for b in range(nb):
+            acc += X[b * inner + e]
+        out[e] = acc
+
+    # ------------------------------------------------------------------ fused window attention
+    @cuda.jit(device=True, inline=True)
+    def tile_mm(sm, xo, xs, xk, yo, ys, yk, ra, cb, kn, acc):
+        """acc[r, c] += sum_{kk<kn} X(ra[r], kk) Y(cb[c], kk), X(row, kk) = sm[xo + row*xs + kk*xk]."""
+        for kk in range(kn):
+            a0 = sm[xo + ra[0] * xs + kk * xk]
+            a1 = sm[xo + ra[1] * xs + kk * xk]
+            a2 = sm[xo + ra[2] * xs + kk * xk]
+            a3 = sm[xo + ra[3] * xs + kk * xk]
+            for c in range(MICRO):
+                bv = sm[yo + cb[c] * ys + kk * yk]
+                acc[0, c] += a0 * bv
+                acc[1, c] += a1 * bv
+                acc[2, c] += a2 * bv
+                acc[3, c] += a3 * bv
+
+    @cuda.jit(device=True, inline=True)
+    def zero_acc(acc):
+        for r in range(MICRO):
+            for c in range(MICRO):
+                acc[r, c] = zero
+
+    @cuda.jit(device=True, inline=True)
+    def load_chunk(sm, dst, ld, src, base, N, HD, d0, dc, mul):
+        """sm[dst + i*ld + dd] = mul * src[base + i*HD + d0 + dd] for i < N, dd < dc."""
+        for e in range(cuda.threadIdx.x, N * dc, cuda.blockDim.x):
+            i = e // dc
+            dd = e % dc
+            sm[dst + i * ld + dd] = mul * src[base + i * HD + d0 + dd]
+
+    @cuda.jit
+    def window_fwd_fused(q, k, v, bias, mask, out, probs, nH, N, HD, nW, has_mask, DC, scale):
+        """One block per (window bw, head h), blockIdx.x = bw*nH + h.
+        Shared: S [N][N+1] scores then probabilities; X, Y [N][DC+1] head-dim chunks."""
+        sm = cuda.shared.array(0, T)
+        LDS = N + 1
+        LDC = DC + 1
+        S = 0
+        X = N * LDS
+        Y = X + N * LDC
+        bh = cuda.blockIdx.x
+        h = bh % nH
+        w = (bh // nH) % nW
+        base = bh * N * HD
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        NT = (N + MICRO - 1) // MICRO
+        ra = cuda.local.array(MICRO, np.int32)
+        cb = cuda.local.array(MICRO, np.int32)
+        acc = cuda.local.array((MICRO, MICRO), T)
+        for e in range(tid, N * LDS, nt):
+            sm[S + e] = zero
+        # scores S = (scale q) k^T accumulated over head-dim chunks
+        for d0 in range(0, HD, DC):
+            dc = min(DC, HD - d0)
+            load_chunk(sm, X, LDC, q, base, N, HD, d0, dc, scale)
+            load_chunk(sm, Y, LDC, k, base, N, HD, d0, dc, T(1))
+            cuda.syncthreads()
+            for t in range(tid, NT * NT, nt):
+                ti = t // NT
+                tj = t % NT
+                for r in range(MICRO):
+                    ra[r] = min(ti + NT * r, N - 1)
+                    cb[r] = min(tj + NT * r, N - 1)
+                zero_acc(acc)
+                tile_mm(sm, X, LDC, 1, Y, LDC, 1, ra, cb, dc, acc)
+                for r in range(MICRO):
+                    i = ti + NT * r
+                    for c in range(MICRO):
+                        j = tj + NT * c
+                        if i < N and j < N:
+                            sm[S + i * LDS + j] += acc[r, c]
+            cuda.syncthreads()
+        # + bias (+ mask): coalesced pass over the (N, N) tables
+        for e in range(tid, N * N, nt):
+            i = e // N
+            j = e % N
+            x = sm[S + i * LDS + j] + bias[h * N * N + e]
+            if has_mask:
+                x += mask[w * N * N + e]
+            sm[S + i * LDS + j] = x
+        cuda.syncthreads()
+        # softmax: one thread per row
+        for i in range(tid, N, nt):
+            mx = neg_big
+            for j in range(N):
+                mx = max(mx, sm[S + i * LDS + j])
+            total = zero
+            for j in range(N):
+                ex = math.exp(sm[S + i * LDS + j] - mx)
+                sm[S + i * LDS + j] = ex
+                total += ex
+            for j in range(N):
+                sm[S + i * LDS + j] = sm[S + i * LDS + j] / total
+        cuda.syncthreads()
+        # probabilities to the cache: coalesced
+        for e in range(tid, N * N, nt):
+            probs[bh * N * N + e] = sm[S + (e // N) * LDS + e % N]
+        # out = P v per head-dim chunk
+        for d0 in range(0, HD, DC):
+            dc = min(DC, HD - d0)
+            DT = (dc + MICRO - 1) // MICRO
+            load_chunk(sm, Y, LDC, v, base, N, HD, d0, dc, T(1))
+            cuda.syncthreads()
+            for t in range(tid, NT * DT, nt):
+                ti = t // DT
+                td = t % DT
+                for r in range(MICRO):
+                    ra[r] = min(ti + NT * r, N - 1)
+                    cb[r] = min(td + DT * r, dc - 1)
+                zero_acc(acc)
+                tile_mm(sm, S, LDS, 1, Y, 1, LDC, ra, cb, N, acc)
+                for r in range(MICRO):
+                    i = ti + NT * r
+                    for c in range(MICRO):
+                        dd = td + DT * c
+                        if i < N and dd < dc:
+                            out[base + i * HD + d0 + dd] = acc[r, c]
+            cuda.syncthreads()
+
+    @cuda.jit
+    def window_bwd_fused(q, k, v, probs, dout, dq, dk, dv, partial, Bw, nH, N, HD, DC, scale):
+        """Grid (npart, nH): block (p, h) walks windows bw = p, p+npart, ... of head h.
+        Shared: P, D [N][N+1] (D = dP, then dS), X, Y [N][DC+1]. partial[p, h] += dS."""
+        sm = cuda.shared.array(0, T)
+        LDS = N + 1
+        LDC = DC + 1
+        P = 0
+        D = N * LDS
+        X = D + N * LDS
+        Y = X + N * LDC
+        p = cuda.blockIdx.x
+        npart = cuda.gridDim.x
+        h = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        NT = (N + MICRO - 1) // MICRO
+        slab = (p * nH + h) * N * N
+        ra = cuda.local.array(MICRO, np.int32)
+        cb = cuda.local.array(MICRO, np.int32)
+        acc = cuda.local.array((MICRO, MICRO), T)
+        for e in range(tid, N * N, nt):
+            partial[slab + e] = zero
+        for bw in range(p, Bw, npart):
+            bh = bw * nH + h
+            base = bh * N * HD
+            for e in range(tid, N * N, nt):
+                i = e // N
+                j = e % N
+                sm[P + i * LDS + j] = probs[bh * N * N + e]
+                sm[D + i * LDS + j] = zero
+            # dP = dout v^T over head-dim chunks
+            for d0 in range(0, HD, DC):
+                dc = min(DC, HD - d0)
+                load_chunk(sm, X, LDC, dout, base, N, HD, d0, dc, T(1))
+                load_chunk(sm, Y, LDC, v, base, N, HD, d0, dc, T(1))
+                cuda.syncthreads()
+                for t in range(tid, NT * NT, nt):
+                    ti = t // NT
+                    tj = t % NT
+                    for r in range(MICRO):
+                        ra[r] = min(ti + NT * r, N - 1)
+                        cb[r] = min(tj + NT * r, N - 1)
+                    zero_acc(acc)
+                    tile_mm(sm, X, LDC, 1, Y, LDC, 1, ra, cb, dc, acc)
+                    for r in range(MICRO):
+                        i = ti + NT * r
+                        for c in range(MICRO):
+                            j = tj + NT * c
+                            if i < N and j < N:
+                                sm[D + i * LDS + j] += acc[r, c]
+                cuda.syncthreads()
+            # dS = P * (dP - rowsum(P * dP)): one thread per row
+            for i in range(tid, N, nt):
+                dot = zero
+                for j in range(N):
+                    dot += sm[P + i * LDS + j] * sm[D + i * LDS + j]
+                for j in range(N):
+                    sm[D + i * LDS + j] = sm[P + i * LDS + j] * (sm[D + i * LDS + j] - dot)
+            cuda.syncthreads()
+            # this block's bias-gradient slab: coalesced, each element always by the same thread
+            for e in range(tid, N * N, nt):
+                partial[slab + e] += sm[D + (e // N) * LDS + e % N]
+            # per chunk: dv = P^T dout and dq = scale dS k; then dk = dS^T (scale q)
+            for d0 in range(0, HD, DC):
+                dc = min(DC, HD - d0)
+                DT = (dc + MICRO - 1) // MICRO
+                load_chunk(sm, X, LDC, dout, base, N, HD, d0, dc, T(1))
+                load_chunk(sm, Y, LDC, k, base, N, HD, d0, dc, T(1))
+                cuda.syncthreads()
+                for t in range(tid, NT * DT, nt):
+                    ti = t // DT
+                    td = t % DT
+                    for r in range(MICRO):
+                        ra[r] = min(ti + NT * r, N - 1)
+                        cb[r] = min(td + DT * r, dc - 1)
+                    zero_acc(acc)
+                    tile_mm(sm, P, 1, LDS, X, 1, LDC, ra, cb, N, acc)   # rows are keys j
+                    for r in range(MICRO):
+                        j = ti + NT * r
+                        for c in range(MICRO):
+                            dd = td + DT * c
+                            if j < N and dd < dc:
+                                dv[base + j * HD + d0 + dd] = acc[r, c]
+                    zero_acc(acc)
+                    tile_mm(sm, D, LDS, 1, Y, 1, LDC, ra, cb, N, acc)   # rows are queries i
+                    for r in range(MICRO):
+                        i = ti + NT * r
+                        for c in range(MICRO):
+                            dd = td + DT * c
+                            if i < N and dd < dc:
+                                dq[base + i * HD + d0 + dd] = scale * acc[r, c]
+                cuda.syncthreads()
+                load_chunk(sm, X, LDC, q, base, N, HD, d0, dc, scale)
+                cuda.syncthreads()
+                for t in range(tid, NT * DT, nt):
+                    ti = t // DT
+                    td = t % DT
+                    for r in range(MICRO):
+                        ra[r] = min(ti + NT * r, N - 1)
+                        cb[r] = min(td + DT * r, dc - 1)
+                    zero_acc(acc)
+                    tile_mm(sm, D, 1, LDS, X, 1, LDC, ra, cb, N, acc)   # rows are keys j
+                    for r in range(MICRO):
+                        j = ti + NT * r
+                        for c in range(MICRO):
+                            dd = td + DT * c
+                            if j < N and dd < dc:
+                                dk[base + j * HD + d0 + dd] = acc[r, c]
+                cuda.syncthreads()
+
+    return {"bmm_naive": bmm_naive, "bmm_tiled": bmm_tiled, "softmax_rows": softmax_rows,
+            "softmax_bwd_rows": softmax_bwd_rows, "sum_leading": sum_leading,
+            "window_fwd_fused": window_fwd_fused, "window_bwd_fused": window_bwd_fused}
+
+
+_KERNELS: dict = {}
+
+
+def _k(dtype, name):
+    key = np.dtype(dtype).name
+    if key not in _KERNELS:
+        from numba import float32, float64
+        _KERNELS[key] = _build(float32 if key == "float32" else float64, TILE)
+    return _KERNELS[key][name]
+
+
+def _ptx_kernels():
+    """(name, python function, signature) of every kernel, for the sm_90 compile check."""
+    from numba import float32, float64
+    out = []
+    for T, tn in ((float32, "float32"), (float64, "float64")):
+        ks = _build(T, 64)
+        a = f"{tn}[::1]"
+        i64 = "int64"
+        sigs = {
+            "bmm_naive": [a, a, a, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, tn],
+            "bmm_tiled": [a, a, a, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, tn],
+            "softmax_rows": [a, a, a, i64, i64, i64, i64, i64, i64],
+            "softmax_bwd_rows": [a, a, i64, i64],
+            "sum_leading": [a, a, i64, i64],
+            "window_fwd_fused": [a] * 7 + [i64] * 6 + [tn],
+            "window_bwd_fused": [a] * 9 + [i64] * 5 + [tn],
+        }
+        for name, args in sigs.items():
+            out.append((f"{name}_{tn}", ks[name].py_func, f"void({', '.join(args)})"))
+    return out
+
+
+PTX_KERNELS = _ptx_kernels()   # decorating only: nothing compiles until a launch or compile_ptx
+
+
+# --------------------------------------------------------------------------------------
+# array plumbing
+# --------------------------------------------------------------------------------------
+def _is_cupy(x):
+    return type(x).__module__.startswith("cupy")
+
+
+def _device(name, x, ndim):
+    """A numba device array view of ``x`` (C-contiguous, float32/float64, rank ``ndim``)."""
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a device array (numba device array, CuPy, or __cuda_array_interface__), "
+                        f"got numpy.ndarray; move it with numba.cuda.to_device first")
+    if hasattr(x, "copy_to_host") and hasattr(x, "is_c_contiguous"):
+        d = x                                  # numba device array (or the simulator's fake one)
+    elif hasattr(x, "__cuda_array_interface__"):
+        d = cuda.as_cuda_array(x)
+    else:
+        raise TypeError(f"{name} must be a device array exposing __cuda_array_interface__, got {type(x).__name__}")
+    if np.dtype(d.dtype) not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got dtype {d.dtype}")
+    if len(d.shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(d.shape)} ({len(d.shape)} dimensions)")
+    if not d.is_c_contiguous():
+        raise ValueError(f"{name} must be C-contiguous (got strides {d.strides}); copy it first")
+    return d
+
+
+def _flat(d):
+    return d.reshape(int(np.prod(d.shape)))
+
+
+def _empty(shape, dtype):
+    return cuda.device_array(tuple(int(s) for s in shape), dtype=dtype)
+
+
+def _wrap(arr, like_cupy):
+    if like_cupy:
+        import cupy
+        return cupy.asarray(arr)
+    return arr
+
+
+def _same_dtype(**arrays):
+    items = [(k, a) for k, a in arrays.items() if a is not None]
+    d0 = np.dtype(items[0][1].dtype)
+    for k, a in items[1:]:
+        if np.dtype(a.dtype) != d0:
+            raise TypeError(f"{k} has dtype {a.dtype} but {items[0][0]} has {d0}; all inputs must share one dtype")
+    return d0
+
+
+def _shape(name, x, expected):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def _blocks(n, threads=THREADS):
+    return max(1, int((n + threads - 1) // threads))
+
+
+def _bmm(version, dt, A, B, C, batch, M, N, K, sA, sB, alpha):
+    """C (batch, M, N) = alpha * A @ B, element strides sA = (b, m, k), sB = (b, k, n)."""
+    args = (_flat(A), _flat(B), _flat(C), np.int64(batch), np.int64(M), np.int64(N), np.int64(K),
+            np.int64(sA[0]), np.int64(sA[1]), np.int64(sA[2]), np.int64(sB[0]), np.int64(sB[1]),
+            np.int64(sB[2]), dt.type(alpha))
+    if version == "naive":
+        _k(dt, "bmm_naive")[_blocks(batch * M * N), THREADS](*args)
+    else:
+        grid = ((N + TILE - 1) // TILE, (M + TILE - 1) // TILE, batch)
+        _k(dt, "bmm_tiled")[grid, (TILE // MICRO) ** 2](*args)
+
+
+def _softmax_rows(dt, S, rows, N, bias=None, mask=None, nH=1, nW=1):
+    dummy = _empty((1,), dt)
+    _k(dt, "softmax_rows")[_blocks(rows), THREADS](
+        _flat(S), dummy if bias is None else _flat(bias), dummy if mask is None else _flat(mask), np.int64(rows),
+        np.int64(N), np.int64(nH), np.int64(nW), np.int64(bias is not None), np.int64(mask is not None))
+
+
+def _softmax_bwd_rows(dt, P, dP, rows, N):
+    _k(dt, "softmax_bwd_rows")[_blocks(rows), THREADS](_flat(P), _flat(dP), np.int64(rows), np.int64(N))
+
+
+def _sum_leading(dt, X, nb, inner, out):
+    _k(dt, "sum_leading")[_blocks(inner), THREADS](_flat(X), _flat(out), np.int64(nb), np.int64(inner))
+
+
+def _fused_chunk(N, itemsize, n_square):
+    """Largest head-dim chunk (32, 16, 8) whose shared-memory tiles fit in 48 KB, or None."""
+    for DC in (32, 16, 8):
+        if (n_square * N * (N + 1) + 2 * N * (DC + 1)) * itemsize <= SMEM_LIMIT:
+            return DC
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# window attention
+# --------------------------------------------------------------------------------------
+def _window_inputs(q, k, v, bias, mask, scale):
+    like_cupy = _is_cupy(q)
+    q = _device("q", q, 4)
+    k = _device("k", k, 4)
+    v = _device("v", v, 4)
+    bias = _device("bias", bias, 3)
+    mask = None if mask is None else _device("mask", mask, 3)
+    dt = _same_dtype(q=q, k=k, v=v, bias=bias, mask=mask)
+    Bw, nH, N, hd = (int(s) for s in q.shape)
+    _shape("k", k, q.shape)
+    _shape("v", v, q.shape)
+    _shape("bias", bias, (nH, N, N))
+    nW = 1
+    if mask is not None:
+        nW = int(mask.shape[0])
+        _shape("mask", mask, (nW, N, N))
+        if nW == 0 or Bw % nW:
+            raise ValueError(f"Bw (q.shape[0])={Bw} must be divisible by nW (mask.shape[0])={nW}")
+    scale = float(hd ** -0.5 if scale is None else scale)
+    return q, k, v, bias, mask, scale, dt, like_cupy, (Bw, nH, N, hd, nW)
+
+
+def _window_fwd(version, q, k, v, bias, mask, scale):
+    q, k, v, bias, mask, scale, dt, like_cupy, (Bw, nH, N, hd, nW) = _window_inputs(q, k, v, bias, mask, scale)
+    out = _empty(q.shape, dt)
+    probs = _empty((Bw, nH, N, N), dt)
+    DC = _fused_chunk(N, dt.itemsize, 1) if version == "fused" else None
+    if DC is None:
+        BH = Bw * nH
+        _bmm("naive", dt, q, k, probs, BH, N, N, hd, (N * hd, hd, 1), (N * hd, 1, hd), scale)
+        _softmax_rows(dt, probs, BH * N, N, bias=bias, mask=mask, nH=nH, nW=nW)
+        _bmm("naive", dt, probs, v, out, BH, N, hd, N, (N * N, N, 1), (N * hd, hd, 1), 1.0)
+    else:
+        smem = (N * (N + 1) + 2 * N * (DC + 1)) * dt.itemsize
+        dummy = _empty((1,), dt)
+        _k(dt, "window_fwd_fused")[Bw * nH, FUSED_THREADS, 0, smem](
+            _flat(q), _flat(k), _flat(v), _flat(bias), dummy if mask is None else _flat(mask), _flat(out),
+            _flat(probs), np.int64(nH), np.int64(N), np.int64(hd), np.int64(nW), np.int64(mask is not None),
+            np.int64(DC), dt.type(scale))
+    cache = {"q": q, "k": k, "v": v, "probs": _wrap(probs, like_cupy), "scale": scale,
+             "_probs_dev": probs, "_like_cupy": like_cupy}
+    return _wrap(out, like_cupy), cache
+
+
+def _window_bwd(version, dout, cache):
+    q, k, v, probs, scale = cache["q"], cache["k"], cache["v"], cache["_probs_dev"], cache["scale"]
+    like_cupy = cache["_like_cupy"]
+    dout = _device("dout", dout, 4)
+    dt = np.dtype(q.dtype)
+    if np.dtype(dout.dtype) != dt:
+        raise TypeError(f"dout must have dtype {dt} (like the forward inputs), got {dout.dtype}")
+    _shape("dout", dout, q.shape)
+    Bw, nH, N, hd = (int(s) for s in q.shape)
+    dq, dk, dv = _empty(q.shape, dt), _empty(q.shape, dt), _empty(q.shape, dt)
+    dbias = _empty((nH, N, N), dt)
+    DC = _fused_chunk(N, dt.itemsize, 2) if version == "fused" else None
+    if DC is None:
+        BH = Bw * nH
+        _bmm("naive", dt, probs, dout, dv, BH, N, hd, N, (N * N, 1, N), (N * hd, hd, 1), 1.0)
+        dS = _empty((Bw, nH, N, N), dt)
+        _bmm("naive", dt, dout, v, dS, BH, N, N, hd, (N * hd, hd, 1), (N * hd, 1, hd), 1.0)
+        _softmax_bwd_rows(dt, probs, dS, BH * N, N)
+        _bmm("naive", dt, dS, k, dq, BH, N, hd, N, (N * N, N, 1), (N * hd, hd, 1), scale)
+        _bmm("naive", dt, dS, q, dk, BH, N, hd, N, (N * N, 1, N), (N * hd, hd, 1), scale)
+        _sum_leading(dt, dS, Bw, nH * N * N, dbias)
+    else:
+        smem = (2 * N * (N + 1) + 2 * N * (DC + 1)) * dt.itemsize
+        npart = min(Bw, NPART_MAX)
+        partial = _empty((npart, nH, N, N), dt)
+        _k(dt, "window_bwd_fused")[(npart, nH), FUSED_THREADS, 0, smem](
+            _flat(q), _flat(k), _flat(v), _flat(probs), _flat(dout), _flat(dq), _flat(dk), _flat(dv),
+            _flat(partial), np.int64(Bw), np.int64(nH), np.int64(N), np.int64(hd), np.int64(DC), dt.type(scale))
+        _sum_leading(dt, partial, npart, nH * N * N, dbias)
+    return {"q": _wrap(dq, like_cupy), "k": _wrap(dk, like_cupy), "v": _wrap(dv, like_cupy),
+            "bias": _wrap(dbias, like_cupy)}
+
+
+def window_attention_fwd_naive(q, k, v, bias, mask=None, scale=None):
+    """Explicit form, one thread per output element (score, softmax row, output entry)."""
+    return _window_fwd("naive", q, k, v, bias, mask, scale)
+
+
+def window_attention_bwd_naive(dout, cache):
+    """Explicit backward, one thread per gradient element; dS goes through device memory."""
+    return _window_bwd("naive", dout, cache)
+
+
+def window_attention_fwd_fused(q, k, v, bias, mask=None, scale=None):
+    """One block per (window, head): scores in shared memory, fused bias+mask+softmax+P v."""
+    return _window_fwd("fused", q, k, v, bias, mask, scale)
+
+
+def window_attention_bwd_fused(dout, cache):
+    """One block per (head, set of windows): P, dS in shared memory, bias gradient in per-block slabs."""
+    return _window_bwd("fused", dout, cache)
+
+
+def window_attention_fwd(q, k, v, bias, mask=None, scale=None):
+    """Mirrors :func:`sparx_ref.ref.window_attention.window_attention_fwd` on device arrays.
+
+    q, k, v ``(Bw, heads, N, hd)``; bias ``(heads, N, N)``; mask ``(nW, N, N)`` or None;
+    scale multiplies q (default ``hd ** -0.5``). Returns ``out`` ``(Bw, heads, N, hd)`` and a
+    cache with ``"probs"`` ``(Bw, heads, N, N)``, ``"q"`` (unscaled), ``"k"``, ``"v"``, ``"scale"``.
+    Default version: ``fused``.
+    """
+    return window_attention_fwd_fused(q, k, v, bias, mask, scale)
+
+
+def window_attention_bwd(dout, cache):
+    """Mirrors :func:`sparx_ref.ref.window_attention.window_attention_bwd`:
+    ``{"q", "k", "v"}`` ``(Bw, heads, N, hd)`` and ``"bias"`` ``(heads, N, N)`` (summed over windows)."""
+    return window_attention_bwd_fused(dout, cache)
+
+
+# --------------------------------------------------------------------------------------
+# DMCA channel attention
+# --------------------------------------------------------------------------------------
+def _dmca_inputs(q, k, v, groups):
+    like_cupy = _is_cupy(q)
+    q = _device("q", q, 3)
+    k = _device("k", k, 3)
+    v = _device("v", v, 3)
+    dt = _same_dtype(q=q, k=k, v=v)
+    B, C, Ls = (int(s) for s in q.shape)
+    _shape("k", k, (B, C, Ls))
+    if int(v.shape[0]) != B or int(v.shape[1]) != C:
+        raise ValueError(f"v must have shape ({B}, {C}, L), got {tuple(v.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if C % groups:
+        raise ValueError(f"C (q.shape[1])={C} must be divisible by groups={groups}")
+    return q, k, v, int(groups), dt, like_cupy, (B, C, Ls, int(v.shape[2]))
+
+
+def _dmca_fwd(version, q, k, v, groups):
+    q, k, v, G, dt, like_cupy, (B, C, Ls, L) = _dmca_inputs(q, k, v, groups)
+    g = C // G
+    BG = B * G
+    attn = _empty((B, G, g, g), dt)
+    out = _empty((B, C, L), dt)
+    alpha = 1.0 / math.sqrt(Ls)
+    _bmm(version, dt, q, k, attn, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
+    _softmax_rows(dt, attn, BG * g, g)
+    _bmm(version, dt, attn, v, out, BG, g, L, g, (g * g, g, 1), (g * L, L, 1), 1.0)
+    cache = {"q": q, "k": k, "v": v, "attn": _wrap(attn, like_cupy), "groups": G, "_attn_dev": attn,
+             "_like_cupy": like_cupy}
+    return _wrap(out, like_cupy), cache
+
+
+def _dmca_bwd(version, dout, cache):
+    q, k, v, attn, G = cache["q"], cache["k"], cache["v"], cache["_attn_dev"], cache["groups"]
+    like_cupy = cache["_like_cupy"]
+    dout = _device("dout", dout, 3)
+    dt = np.dtype(q.dtype)
+    if np.dtype(dout.dtype) != dt:
+        raise TypeError(f"dout must have dtype {dt} (like the forward inputs), got {dout.dtype}")
+    _shape("dout", dout, v.shape)
+    B, C, Ls = (int(s) for s in q.shape)
+    L = int(v.shape[2])
+    g = C // G
+    BG = B * G
+    alpha = 1.0 / math.sqrt(Ls)
+    dq, dk, dv = _empty(q.shape, dt), _empty(k.shape, dt), _empty(v.shape, dt)
+    dS = _empty((B, G, g, g), dt)
+    _bmm(version, dt, attn, dout, dv, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
+    _bmm(version, dt, dout, v, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)
+    _softmax_bwd_rows(dt, attn, dS, BG * g, g)
+    _bmm(version, dt, dS, k, dq, BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha)
+    _bmm(version, dt, dS, q, dk, BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha)
+    return {"q": _wrap(dq, like_cupy), "k": _wrap(dk, like_cupy), "v": _wrap(dv, like_cupy)}
+
+
+def dmca_attention_fwd_naive(q, k, v, groups=4):
+    """Explicit form, one thread per output element."""
+    return _dmca_fwd("naive", q, k, v, groups)
+
+
+def dmca_attention_bwd_naive(dout, cache):
+    """Explicit backward, one thread per gradient element."""
+    return _dmca_bwd("naive", dout, cache)
+
+
+def dmca_attention_fwd_tiled(q, k, v, groups=4):
+    """Shared-memory tiled GEMMs (4x4 register tile per thread); one thread per softmax row."""
+    return _dmca_fwd("tiled", q, k, v, groups)
+
+
+def dmca_attention_bwd_tiled(dout, cache):
+    """Tiled backward: dv = P^T dout, dP = dout v^T, dS, dq = dS k, dk = dS^T q."""
+    return _dmca_bwd("tiled", dout, cache)
+
+
+def dmca_attention_fwd(q, k, v, groups=4):
+    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_fwd` on device arrays.
+
+    q, k ``(B, C, Ls)``, v ``(B, C, L)``; per image and group of ``g = C/groups`` channels
+    ``out_g = softmax(q_g k_g^T / sqrt(Ls)) v_g``. Returns ``out`` ``(B, C, L)`` and a cache
+    with ``"attn"`` ``(B, groups, g, g)``. Default version: ``tiled``.
+    """
+    return dmca_attention_fwd_tiled(q, k, v, groups)
+
+
+def dmca_attention_bwd(dout, cache):
+    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``."""
+    return dmca_attention_bwd_tiled(dout, cache)
