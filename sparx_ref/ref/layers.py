@@ -170,12 +170,14 @@ def conv2d_bwd(dout, cache):
         xp = cache["xp"]
         dxp = np.zeros(xp.shape, dtype=weight.dtype)
         dw = np.empty_like(weight)
+        tmp = np.empty_like(dout)
         for u in range(kh):
             for v in range(kw):
                 sl = (slice(None), slice(None), slice(u, u + sh * (Ho - 1) + 1, sh),
                       slice(v, v + sw * (Wo - 1) + 1, sw))
                 dw[:, 0, u, v] = np.einsum("bchw,bchw->c", dout, xp[sl])
-                dxp[sl] += dout * weight[:, 0, u, v][None, :, None, None]
+                np.multiply(dout, weight[:, 0, u, v][None, :, None, None], out=tmp)
+                dxp[sl] += tmp
         dx = dxp[:, :, ph:ph + H, pw:pw + W]
     else:
         cols = cache["cols"]
@@ -423,8 +425,10 @@ def batch_norm2d_bwd(dout, cache):
 # ---------------------------------------------------------------------------------------
 def sigmoid(x):
     """Numerically stable logistic function 1/(1+exp(-x)) (no overflow for large |x|)."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+    e = np.exp(-np.abs(x))                      # in (0, 1]: never overflows
+    s = 1.0 / (1.0 + e)                         # sigmoid(|x|)
+    np.multiply(s, e, out=s, where=x < 0)       # sigmoid(-|x|) = e / (1 + e)
+    return s.astype(x.dtype, copy=False)
 
 
 def gelu_fwd(x):
