@@ -623,6 +623,11 @@ def _shape(name, x, expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
 
 
+def _empty(shape, dtype):
+    """Every output and scratch buffer comes from here (tests swap in a NaN-filled one)."""
+    return _cupy().empty(tuple(int(d) for d in shape), dtype=dtype)
+
+
 def _blocks(n, threads=_THREADS):
     return (int((n + threads - 1) // threads),)
 
@@ -646,8 +651,7 @@ def _bmm(version, A, B, C, batch, M, N, K, sA, sB, alpha):
 
 def _softmax_rows(version, S, rows, N, bias=None, mask=None, nH=1, nW=1):
     dt = S.dtype
-    cp = _cupy()
-    dummy = cp.empty(1, dtype=dt)
+    dummy = _empty((1,), dt)
     args = (S, dummy if bias is None else bias, dummy if mask is None else mask, np.int64(rows), np.int32(N),
             np.int32(nH), np.int32(nW), np.int32(bias is not None), np.int32(mask is not None))
     if version == "naive":
@@ -693,11 +697,10 @@ def _window_inputs(q, k, v, bias, mask, scale):
 
 
 def _window_fwd(version, q, k, v, bias, mask, scale):
-    cp = _cupy()
     q, k, v, bias, mask, scale, (Bw, nH, N, hd, nW) = _window_inputs(q, k, v, bias, mask, scale)
     dt = q.dtype
-    out = cp.empty_like(q)
-    probs = cp.empty((Bw, nH, N, N), dtype=dt)
+    out = _empty(q.shape, dt)
+    probs = _empty((Bw, nH, N, N), dt)
     if version == "naive":
         BH = Bw * nH
         # A = (scale q) k^T: A(i, j) = sum_d q[i, d] k[j, d]
@@ -707,7 +710,7 @@ def _window_fwd(version, q, k, v, bias, mask, scale):
     else:
         DC = _fused_chunk(N, hd, dt.itemsize, n_square=1)
         smem = (N * (N + 1) + 2 * N * (DC + 1)) * dt.itemsize
-        dummy = cp.empty(1, dtype=dt)
+        dummy = _empty((1,), dt)
         _fn(dt, "window_fwd_fused", smem)(
             (Bw * nH,), (_FUSED_THREADS,),
             (q, k, v, bias, dummy if mask is None else mask, out, probs, np.int32(nH), np.int32(N),
@@ -727,7 +730,6 @@ def _fused_chunk(N, hd, itemsize, n_square):
 
 
 def _window_bwd(version, dout, cache):
-    cp = _cupy()
     q, k, v, probs, scale = cache["q"], cache["k"], cache["v"], cache["probs"], cache["scale"]
     dout = _device("dout", dout, 4)
     if dout.dtype != q.dtype:
@@ -735,14 +737,14 @@ def _window_bwd(version, dout, cache):
     _shape("dout", dout, q.shape)
     Bw, nH, N, hd = q.shape
     dt = q.dtype
-    dq, dk, dv = cp.empty_like(q), cp.empty_like(k), cp.empty_like(v)
-    dbias = cp.empty((nH, N, N), dtype=dt)
+    dq, dk, dv = _empty(q.shape, dt), _empty(k.shape, dt), _empty(v.shape, dt)
+    dbias = _empty((nH, N, N), dt)
     if version == "naive":
         BH = Bw * nH
         # dv = P^T dout: dv(j, d) = sum_i P[i, j] dout[i, d]
         _bmm("naive", probs, dout, dv, BH, N, hd, N, (N * N, 1, N), (N * hd, hd, 1), 1.0)
         # dP = dout v^T
-        dS = cp.empty((Bw, nH, N, N), dtype=dt)
+        dS = _empty((Bw, nH, N, N), dt)
         _bmm("naive", dout, v, dS, BH, N, N, hd, (N * hd, hd, 1), (N * hd, 1, hd), 1.0)
         _softmax_bwd_rows("naive", probs, dS, BH * N, N)
         # dq = scale dS k ; dk = dS^T (scale q)
@@ -753,7 +755,7 @@ def _window_bwd(version, dout, cache):
         DC = _fused_chunk(N, hd, dt.itemsize, n_square=2)
         smem = (2 * N * (N + 1) + 2 * N * (DC + 1)) * dt.itemsize
         npart = min(Bw, _NPART_MAX)
-        partial = cp.empty((npart, nH, N, N), dtype=dt)
+        partial = _empty((npart, nH, N, N), dt)
         _fn(dt, "window_bwd_fused", smem)(
             (npart, nH), (_FUSED_THREADS,),
             (q, k, v, probs, dout, dq, dk, dv, partial, np.int32(Bw), np.int32(nH), np.int32(N), np.int32(hd),
@@ -796,7 +798,8 @@ def window_attention_fwd(q, k, v, bias, mask=None, scale=None):
 
 def window_attention_bwd(dout, cache):
     """Mirrors :func:`sparx_ref.ref.window_attention.window_attention_bwd`:
-    ``{"q", "k", "v"}`` ``(Bw, heads, N, hd)`` and ``"bias"`` ``(heads, N, N)`` (summed over windows)."""
+    ``{"q", "k", "v"}`` ``(Bw, heads, N, hd)`` and ``"bias"`` ``(heads, N, N)`` (summed over windows).
+    Default version: ``fused``."""
     return window_attention_bwd_fused(dout, cache)
 
 
@@ -820,13 +823,12 @@ def _dmca_inputs(q, k, v, groups):
 
 
 def _dmca_fwd(version, q, k, v, groups):
-    cp = _cupy()
     q, k, v, G, (B, C, Ls, L) = _dmca_inputs(q, k, v, groups)
     g = C // G
     BG = B * G
     dt = q.dtype
-    attn = cp.empty((B, G, g, g), dtype=dt)
-    out = cp.empty((B, C, L), dtype=dt)
+    attn = _empty((B, G, g, g), dt)
+    out = _empty((B, C, L), dt)
     alpha = 1.0 / math.sqrt(Ls)
     # scores(i, j) = sum_s q[i, s] k[j, s] / sqrt(Ls) per (image, group)
     _bmm(version, q, k, attn, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
@@ -837,7 +839,6 @@ def _dmca_fwd(version, q, k, v, groups):
 
 
 def _dmca_bwd(version, dout, cache):
-    cp = _cupy()
     q, k, v, attn, G = cache["q"], cache["k"], cache["v"], cache["attn"], cache["groups"]
     dout = _device("dout", dout, 3)
     if dout.dtype != q.dtype:
@@ -849,8 +850,8 @@ def _dmca_bwd(version, dout, cache):
     BG = B * G
     dt = q.dtype
     alpha = 1.0 / math.sqrt(Ls)
-    dq, dk, dv = cp.empty_like(q), cp.empty_like(k), cp.empty_like(v)
-    dS = cp.empty((B, G, g, g), dtype=dt)
+    dq, dk, dv = _empty(q.shape, dt), _empty(k.shape, dt), _empty(v.shape, dt)
+    dS = _empty((B, G, g, g), dt)
     # dv(j, l) = sum_i P[i, j] dout[i, l]
     _bmm(version, attn, dout, dv, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
     # dP(i, j) = sum_l dout[i, l] v[j, l]
@@ -893,5 +894,5 @@ def dmca_attention_fwd(q, k, v, groups=4):
 
 
 def dmca_attention_bwd(dout, cache):
-    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``."""
+    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``. Default version: ``tiled``."""
     return dmca_attention_bwd_tiled(dout, cache)

@@ -675,7 +675,8 @@ def window_attention_fwd(q, k, v, bias, mask=None, scale=None):
 
 def window_attention_bwd(dout, cache):
     """Mirrors :func:`sparx_ref.ref.window_attention.window_attention_bwd`:
-    ``{"q", "k", "v"}`` ``(Bw, heads, N, hd)`` and ``"bias"`` ``(heads, N, N)`` (summed over windows)."""
+    ``{"q", "k", "v"}`` ``(Bw, heads, N, hd)`` and ``"bias"`` ``(heads, N, N)`` (summed over windows).
+    Default version: ``fused``."""
     return window_attention_bwd_fused(dout, cache)
 
 
@@ -768,5 +769,5 @@ def dmca_attention_fwd(q, k, v, groups=4):
 
 
 def dmca_attention_bwd(dout, cache):
-    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``."""
+    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``. Default version: ``tiled``."""
     return dmca_attention_bwd_tiled(dout, cache)

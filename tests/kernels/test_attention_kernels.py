@@ -1,0 +1,280 @@
+"""Attention kernels vs the reference ops (issue: attention kernels).
+
+Every registered version of ``window_attention_fwd/bwd`` and ``dmca_attention_fwd/bwd`` for
+the GPU backends is run on hypothesis-drawn shapes and compared, output by output and
+gradient by gradient, with the float64 reference op on the same (float32-rounded) inputs,
+at ``tolerance("float32", "kernel")``. Every buffer a kernel allocates is NaN-filled first,
+so an element it never writes fails the comparison.
+
+Without a GPU the ``numba_cuda`` kernels run under the CUDA simulator on tiny shapes (every
+simulated thread is a Python thread); ``cupy`` kernels skip with the reason. On a GPU
+(``NUMBA_ENABLE_CUDASIM=0``, ``scripts/gpu-check``) the same tests draw from the full ranges.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparx_ref.kernels import registry
+from sparx_ref.ref import window_attention as ref_wa
+from sparx_ref.testing import assert_close
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+BACKENDS = ("numba_cuda", "cupy")
+WINDOW_OPS = ("window_attention_fwd", "window_attention_bwd")
+DMCA_OPS = ("dmca_attention_fwd", "dmca_attention_bwd")
+
+# Simulator budget: few examples on tiny shapes. On a GPU: the profile's examples, full ranges.
+EXAMPLES = 4 if SIM else 20
+
+
+def _ref_dmca():
+    try:
+        return importlib.import_module("sparx_ref.ref.dmca")
+    except ImportError:
+        pytest.skip("sparx_ref.ref.dmca (the DMCA reference op) is not in this checkout yet")
+
+
+def _module(backend):
+    return importlib.import_module(f"sparx_ref.kernels.{backend}.attention")
+
+
+def _require(backend):
+    missing = registry.runtime_missing(backend)
+    if missing:
+        pytest.skip(missing)
+
+
+def _versions(ops):
+    """(backend, version) pairs: the fwd and bwd ladders have the same rung names."""
+    out = []
+    for backend in BACKENDS:
+        fwd = registry.versions(ops[0], backend)
+        assert fwd == registry.versions(ops[1], backend), f"{backend}: fwd/bwd ladders differ"
+        out += [pytest.param(backend, v, id=f"{backend}-{v}") for v in fwd]
+    return out
+
+
+class _Device:
+    """Moves arrays to the backend's device, with NaN-poisoned allocations inside kernels."""
+
+    def __init__(self, backend, monkeypatch):
+        self.backend = backend
+        mod = _module(backend)
+        if backend == "cupy":
+            import cupy
+            self.put = cupy.asarray
+
+            def nan_empty(shape, dtype):
+                return cupy.full(tuple(int(s) for s in shape), np.nan, dtype=dtype)
+        else:
+            from numba import cuda
+            self.put = cuda.to_device
+
+            def nan_empty(shape, dtype):
+                return cuda.to_device(np.full(tuple(int(s) for s in shape), np.nan, dtype=dtype))
+        monkeypatch.setattr(mod, "_empty", nan_empty)
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    def make(backend):
+        _require(backend)
+        return _Device(backend, monkeypatch)
+    return make
+
+
+def _shift_mask(rng, nW, N):
+    """A mask like Swin's: 0 inside a region, -100 across regions (random regions)."""
+    labels = rng.integers(0, 3, size=(nW, N))
+    labels[0] = 0                                   # one unmasked window, as in the real mask
+    return np.where(labels[:, :, None] != labels[:, None, :], -100.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# window attention
+# --------------------------------------------------------------------------------------
+def _window_case(rng, M, heads, hd, batch, nW, masked):
+    N = M * M
+    Bw = batch * nW
+    f = lambda *s: rng.standard_normal(s)  # noqa: E731
+    inputs = dict(q=f(Bw, heads, N, hd), k=f(Bw, heads, N, hd), v=f(Bw, heads, N, hd),
+                  bias=0.5 * f(heads, N, N), mask=_shift_mask(rng, nW, N) if masked else None)
+    dout = f(Bw, heads, N, hd)
+    return inputs, dout
+
+
+def _check_window(dev, version, inputs, dout, dtype, scale=None):
+    mod = _module(dev.backend)
+    fwd = getattr(mod, f"window_attention_fwd_{version}")
+    bwd = getattr(mod, f"window_attention_bwd_{version}")
+    x = {k: (None if a is None else a.astype(dtype)) for k, a in inputs.items()}
+    d = dout.astype(dtype)
+    # the float64 reference on exactly the inputs the kernel sees
+    ref_out, ref_cache = ref_wa.window_attention_fwd(
+        **{k: (None if a is None else a.astype(np.float64)) for k, a in x.items()}, scale=scale)
+    ref_grads = ref_wa.window_attention_bwd(d.astype(np.float64), ref_cache)
+    out, cache = fwd(**{k: (None if a is None else dev.put(a)) for k, a in x.items()}, scale=scale)
+    grads = bwd(dev.put(d), cache)
+    assert_close(out, ref_out, dtype, "kernel", name=f"{version} out")
+    assert_close(cache["probs"], ref_cache["probs"], dtype, "kernel", name=f"{version} probs")
+    assert sorted(grads) == sorted(ref_grads)
+    for key in ref_grads:
+        assert_close(grads[key], ref_grads[key], dtype, "kernel", name=f"{version} d{key}")
+
+
+if SIM:
+    _M, _HEADS, _HD, _BATCH, _NW = st.integers(2, 4), st.integers(1, 2), st.integers(8, 12), st.integers(1, 2), \
+        st.integers(1, 2)
+else:
+    _M, _HEADS, _HD, _BATCH, _NW = st.integers(2, 8), st.integers(1, 4), st.integers(8, 64), st.integers(1, 3), \
+        st.integers(1, 4)
+
+
+@pytest.mark.parametrize("backend,version", _versions(WINDOW_OPS))
+@settings(max_examples=EXAMPLES)
+@given(M=_M, heads=_HEADS, hd=_HD, batch=_BATCH, nW=_NW, masked=st.booleans(), seed=st.integers(0, 2**31))
+def test_window_attention_matches_reference(device, backend, version, M, heads, hd, batch, nW, masked, seed):
+    dev = device(backend)
+    inputs, dout = _window_case(np.random.default_rng(seed), M, heads, hd, batch, nW, masked)
+    _check_window(dev, version, inputs, dout, np.float32)
+
+
+@pytest.mark.parametrize("backend,version", _versions(WINDOW_OPS))
+def test_window_attention_largest_window_several_windows(device, backend, version, rng):
+    """8x8 windows (N = 64: two 4x4 register tiles per side, two warps of keys), nW = 2,
+    a head width that is not a multiple of 4, and an explicit scale."""
+    dev = device(backend)
+    inputs, dout = _window_case(rng, 8, 1, 9 if SIM else 37, 1, 2, True)
+    _check_window(dev, version, inputs, dout, np.float32, scale=0.3)
+
+
+@pytest.mark.parametrize("backend,version", _versions(WINDOW_OPS))
+def test_window_attention_float64(device, backend, version, rng):
+    dev = device(backend)
+    inputs, dout = _window_case(rng, 3, 2, 8, 2, 2, True)
+    _check_window(dev, version, inputs, dout, np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# DMCA channel attention
+# --------------------------------------------------------------------------------------
+def _dmca_case(rng, B, groups, g, Ls, L):
+    C = groups * g
+    f = lambda *s: rng.standard_normal(s)  # noqa: E731
+    return dict(q=f(B, C, Ls), k=f(B, C, Ls), v=f(B, C, L)), f(B, C, L)
+
+
+def _check_dmca(dev, version, inputs, dout, groups, dtype):
+    ref = _ref_dmca()
+    mod = _module(dev.backend)
+    fwd = getattr(mod, f"dmca_attention_fwd_{version}")
+    bwd = getattr(mod, f"dmca_attention_bwd_{version}")
+    x = {k: a.astype(dtype) for k, a in inputs.items()}
+    d = dout.astype(dtype)
+    ref_out, ref_cache = ref.dmca_attention_fwd(**{k: a.astype(np.float64) for k, a in x.items()}, groups=groups)
+    ref_grads = ref.dmca_attention_bwd(d.astype(np.float64), ref_cache)
+    out, cache = fwd(**{k: dev.put(a) for k, a in x.items()}, groups=groups)
+    grads = bwd(dev.put(d), cache)
+    assert_close(out, ref_out, dtype, "kernel", name=f"{version} out")
+    assert_close(cache["attn"], ref_cache["attn"], dtype, "kernel", name=f"{version} attn")
+    assert sorted(grads) == sorted(ref_grads)
+    for key in ref_grads:
+        assert_close(grads[key], ref_grads[key], dtype, "kernel", name=f"{version} d{key}")
+
+
+if SIM:
+    _G, _g, _LS, _L, _B = st.integers(1, 2), st.integers(2, 12), st.integers(1, 12), st.integers(1, 40), \
+        st.integers(1, 2)
+else:
+    _G, _g, _LS, _L, _B = st.integers(1, 4), st.integers(2, 64), st.integers(1, 64), st.integers(1, 3000), \
+        st.integers(1, 3)
+
+
+@pytest.mark.parametrize("backend,version", _versions(DMCA_OPS))
+@settings(max_examples=EXAMPLES)
+@given(B=_B, groups=_G, g=_g, Ls=_LS, L=_L, seed=st.integers(0, 2**31))
+def test_dmca_attention_matches_reference(device, backend, version, B, groups, g, Ls, L, seed):
+    dev = device(backend)
+    inputs, dout = _dmca_case(np.random.default_rng(seed), B, groups, g, Ls, L)
+    _check_dmca(dev, version, inputs, dout, groups, np.float32)
+
+
+@pytest.mark.parametrize("backend,version", _versions(DMCA_OPS))
+def test_dmca_attention_long_full_length(device, backend, version, rng):
+    """A full-resolution length of a few thousand (many 64-wide column tiles, a ragged last
+    one) and a group wider than one tile (g = 70 on a GPU)."""
+    dev = device(backend)
+    if SIM:
+        inputs, dout = _dmca_case(rng, 1, 2, 3, 5, 300)
+        groups = 2
+    else:
+        inputs, dout = _dmca_case(rng, 2, 4, 70, 49, 3136)
+        groups = 4
+    _check_dmca(dev, version, inputs, dout, groups, np.float32)
+
+
+@pytest.mark.parametrize("backend,version", _versions(DMCA_OPS))
+def test_dmca_attention_float64(device, backend, version, rng):
+    dev = device(backend)
+    inputs, dout = _dmca_case(rng, 2, 2, 5, 7, 30)
+    _check_dmca(dev, version, inputs, dout, 2, np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# the table, signatures and bad input
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", WINDOW_OPS + DMCA_OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_with_one_default_and_reference_signature(op, backend):
+    rows = registry.entries(op, backend)
+    assert len(rows) >= 2, f"{op}/{backend}: expected a ladder of versions"
+    assert sum(e.default for e in rows) == 1
+    assert all(e.idea for e in rows)
+    ref_mod = "window_attention" if op.startswith("window") else "dmca"
+    mod = _module(backend)
+    try:
+        ref_fn = getattr(importlib.import_module(f"sparx_ref.ref.{ref_mod}"), op)
+    except ImportError:
+        ref_fn = None
+    for e in rows:
+        module, attr = e.target.split(":")
+        fn = getattr(importlib.import_module(module), attr)
+        assert module == mod.__name__
+        if ref_fn is not None:
+            assert list(inspect.signature(fn).parameters) == list(inspect.signature(ref_fn).parameters)
+            got = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
+            want = {p.name: p.default for p in inspect.signature(ref_fn).parameters.values()}
+            assert got == want, f"{attr}: defaults differ from the reference"
+    default = [e for e in rows if e.default][0]
+    assert getattr(mod, op).__doc__ and default.version in getattr(mod, op).__doc__
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_is_named(device, backend, rng):
+    dev = device(backend)
+    mod = _module(backend)
+    q = rng.standard_normal((2, 1, 4, 8)).astype(np.float32)
+    bias = rng.standard_normal((1, 4, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match="q must be a device array"):
+        mod.window_attention_fwd(q, q, q, bias)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        mod.window_attention_fwd(*(dev.put(q.astype(np.float16)),) * 3, dev.put(bias.astype(np.float16)))
+    with pytest.raises(TypeError, match="bias has dtype float64"):
+        mod.window_attention_fwd(*(dev.put(q),) * 3, dev.put(bias.astype(np.float64)))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        mod.window_attention_fwd(*(dev.put(q),) * 3, dev.put(bias[:, :3]))
+    with pytest.raises(ValueError, match="divisible by nW"):
+        mod.window_attention_fwd(*(dev.put(q),) * 3, dev.put(bias), mask=dev.put(np.zeros((3, 4, 4), np.float32)))
+    x = dev.put(rng.standard_normal((1, 6, 5)).astype(np.float32))
+    with pytest.raises(ValueError, match="divisible by groups"):
+        mod.dmca_attention_fwd(x, x, x, groups=4)
+    with pytest.raises(TypeError, match="int32"):
+        xi = dev.put(np.ones((1, 4, 5), np.int32))
+        mod.dmca_attention_fwd(xi, xi, xi, groups=2)
