@@ -95,8 +95,8 @@ KERNEL_BACKENDS = {
 
 def get_kernels(kernel_backend: str) -> TorchKernels:
     if kernel_backend not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel_backend must be one of {sorted(KERNEL_BACKENDS)}, "
-                         f"got {kernel_backend!r}")
+        from .ops import kernel_table  # numba_cpu / numba_cuda / cupy: registered kernels
+        return kernel_table(kernel_backend)  # ValueError for an unknown name
     return KERNEL_BACKENDS[kernel_backend]
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..models import sparx_swin as np_sparx_swin
 from ..models.wiring import STAGE_INPUT, source_name
-from . import swin
+from . import ops, swin
 from .common import released_init_
 from .dmca import DMCA
 
@@ -100,13 +100,14 @@ def build(name: str, dtype=None, seed=None, kernel_backend: str = "torch", **ove
     """Build ``sparx_swin_t | sparx_swin_s | sparx_swin_b | sparx_swin`` (the project's
     reconstruction). Keywords: Swin's released ones plus ``sr_ratio`` and ``dense_config``;
     ``dtype``, ``seed`` (torch seed for the init; the global RNG is left untouched) and
-    ``kernel_backend`` (DMCA's channel-attention kernel) are extra."""
+    ``kernel_backend`` (window and DMCA attention, :mod:`sparx_ref.torch_models.ops`) are extra."""
     cfg = np_sparx_swin.resolve_config(name, overrides)
     cfg["kernel_backend"] = kernel_backend
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         model = SparXSwin(**cfg)
+    ops.set_kernel_backend(model, kernel_backend)  # window attention and DMCA
     if dtype is not None:
         model = model.to(swin._torch_dtype(dtype))
     return model.eval()

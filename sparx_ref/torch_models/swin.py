@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import swin as np_swin
+from . import ops
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,23 +122,20 @@ class WindowAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.kernel_backend = "torch"  # the attention core's backend (ops.set_kernel_backend)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02, a=-2.0, b=2.0)
 
     def forward(self, x, mask=None, rec=None, name=""):
         Bw, N, C = x.shape
         qkv = self.qkv(x).reshape(Bw, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]                    # (B', nH, N, d)
-        logits = q @ k.transpose(-2, -1)                                 # (B', nH, N, N)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        logits = logits + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
-            nW = mask.shape[0]
-            logits = logits.view(Bw // nW, nW, self.num_heads, N, N) + mask[None, :, None]
-            logits = logits.view(Bw, self.num_heads, N, N)
-        probs = logits.softmax(dim=-1)
+        bias = bias.view(N, N, -1).permute(2, 0, 1)                      # (nH, N, N)
+        # softmax(scale q k^T + bias [+ mask]) v, q, k, v (B', nH, N, d), on the model's backend
+        out, probs = ops.window_attention(qkv[0], qkv[1], qkv[2], bias, mask, self.scale,
+                                          backend=self.kernel_backend, attn_drop=self.attn_drop)
         if rec is not None:
             rec[name + ".attn_probs"] = probs.detach()
-        out = (self.attn_drop(probs) @ v).transpose(1, 2).reshape(Bw, N, C)
+        out = out.transpose(1, 2).reshape(Bw, N, C)
         return self.proj_drop(self.proj(out))
 
 
@@ -350,17 +348,19 @@ def _torch_dtype(dtype):
     return {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
 
 
-def build(name: str, dtype=None, seed=None, **overrides):
+def build(name: str, dtype=None, seed=None, kernel_backend: str = "torch", **overrides):
     """Build ``swin_t | swin_s | swin_b | swin`` with the released keyword names as overrides.
 
-    ``dtype`` (torch or NumPy dtype, default float32) and ``seed`` (torch seed for the
-    released init; the global RNG is left untouched) are extra keywords.
+    ``dtype`` (torch or NumPy dtype, default float32), ``seed`` (torch seed for the
+    released init; the global RNG is left untouched) and ``kernel_backend`` (the window
+    attention's backend, :mod:`sparx_ref.torch_models.ops`) are extra keywords.
     """
     cfg = np_swin.resolve_config(name, overrides)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         model = SwinTransformer(**cfg)
+    ops.set_kernel_backend(model, kernel_backend)
     if dtype is not None:
         model = model.to(_torch_dtype(dtype))
     return model.eval()

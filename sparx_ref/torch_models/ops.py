@@ -1,0 +1,589 @@
+"""The op dispatch layer of the PyTorch twins: every hot op on any kernel backend.
+
+Each hot operation of the twins has one entry point here, ``op(..., backend=...)``:
+
+==================  =====================================================  ==========================
+op                  shapes                                                 kernels (registry names)
+==================  =====================================================  ==========================
+selective_scan      u, delta (b, KD, L); A (KD, N); B, C (b, K, N, L);     selective_scan_fwd / _bwd
+                    D, delta_bias (KD,) -> y (b, KD, L)
+cross_scan          x (B, C, H, W) -> (B, 4, C, H*W)                       cross_scan (bwd: cross_merge)
+cross_merge         ys (B, 4, C, H*W), H, W -> (B, C, H, W)                cross_merge (bwd: cross_scan)
+ss2d_scan           x (b, Di, H, W); delta (b, 4Di, HW); B, C (b, 4, N,    ss2d_scan_fwd / _bwd
+                    HW) -> y (b, Di, H, W) (fused cross-scan+scan+merge)
+window_attention    q, k, v (Bw, heads, N, hd); bias (heads, N, N); mask   window_attention_fwd / _bwd
+                    (nW, N, N) or None -> (out, probs)
+dmca_attention      q, k (B, C, Ls); v (B, C, L); groups -> (out, attn)    dmca_attention_fwd / _bwd
+==================  =====================================================  ==========================
+
+``backend="torch"`` is plain PyTorch (differentiated by autograd; the scan is a Python loop
+over L, the baseline the kernels are measured against). Any other backend
+(``"numba_cpu"``, ``"numba_cuda"``, ``"cupy"``) runs the kernel registered in
+:mod:`sparx_ref.kernels` inside a ``torch.autograd.Function`` whose backward is the
+kernel's own backward. Tensors cross over without a copy:
+
+- ``numba_cpu``: CPU tensors as NumPy views (``tensor.numpy()``), results back through
+  ``torch.from_numpy``.
+- ``numba_cuda``: CUDA tensors as numba device arrays (``numba.cuda.as_cuda_array``, the
+  ``__cuda_array_interface__``), results back through ``torch.as_tensor``. Numba launches on
+  the legacy default stream; when PyTorch's current stream is another one the two streams
+  are ordered with events (``wait_stream``), no host synchronisation. Numba's allocations
+  are routed to PyTorch's caching allocator (an EMM plugin, see
+  :func:`share_torch_memory_with_numba`), so no ``cudaMalloc``/``cudaFree`` per call and
+  ``torch.cuda.max_memory_allocated`` counts them. Under the CUDA simulator
+  (``NUMBA_ENABLE_CUDASIM=1``) CPU tensors are accepted and copied to the simulator's
+  arrays: that is how the Functions are tested without a GPU (tiny shapes only).
+- ``cupy``: CUDA tensors through DLPack (``cupy.from_dlpack`` / ``torch.from_dlpack``); the
+  kernels run on PyTorch's current stream (``cupy.cuda.ExternalStream``) and allocate from
+  PyTorch's caching allocator (``cupy.cuda.using_allocator``, scoped to the call).
+
+Inputs may be non-contiguous (they are made contiguous first, a no-op when they already
+are); all floating inputs must share one dtype (float32 or float64; a kernel may support
+fewer) and one device. A backend whose runtime is missing raises
+:class:`sparx_ref.kernels.KernelUnavailable` naming it; tensors on the wrong device raise
+``ValueError``; bad dtypes ``TypeError``.
+
+An op with no kernel registered for a backend (window and DMCA attention have no
+``numba_cpu`` kernels) runs its plain-torch form on that backend; :func:`describe` says, per
+op, which kernel (and version) or "torch" a backend uses.
+
+Models choose the backend once: ``sparx_ref.torch_models.build_model(name,
+kernel_backend=...)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from .. import kernels as _kernels
+from ..kernels import KernelUnavailable
+from .common import (channel_attention_torch, cross_merge_torch, cross_scan_torch,
+                     selective_scan_torch)
+
+BACKENDS = ("torch",) + tuple(_kernels.BACKENDS)
+
+# op name here -> (forward kernel, backward kernel) in the registry
+KERNEL_OPS = {
+    "selective_scan": ("selective_scan_fwd", "selective_scan_bwd"),
+    "cross_scan": ("cross_scan", "cross_merge"),
+    "cross_merge": ("cross_merge", "cross_scan"),
+    "ss2d_scan": ("ss2d_scan_fwd", "ss2d_scan_bwd"),
+    "window_attention": ("window_attention_fwd", "window_attention_bwd"),
+    "dmca_attention": ("dmca_attention_fwd", "dmca_attention_bwd"),
+}
+
+_DEVICE_TYPE = {"numba_cpu": "cpu", "numba_cuda": "cuda", "cupy": "cuda"}
+
+
+# =========================================================================================
+# plain-torch forms (kernel_backend="torch"); scan / cross-scan / merge live in .common
+# =========================================================================================
+def ss2d_scan_torch(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """cross_merge(selective_scan(cross_scan(x) as (b, 4*Di, L), ...), H, W): (b, Di, H, W)."""
+    b, Di, H, W = x.shape
+    xs = cross_scan_torch(x).reshape(b, 4 * Di, H * W)
+    ys = selective_scan_torch(xs, delta, A, B, C, D, delta_bias, delta_softplus)
+    return cross_merge_torch(ys.reshape(b, 4, Di, H * W), H, W)
+
+
+def window_attention_torch(q, k, v, bias, mask=None, scale=None, attn_drop=None):
+    """Swin's attention core, the released arithmetic (q scaled first, then q k^T).
+
+    q, k, v: (Bw, heads, N, hd), Bw = B*nW batch-major; bias (heads, N, N); mask (nW, N, N)
+    added to window b*nW + w as mask[w]. Returns (out (Bw, heads, N, hd), probs
+    (Bw, heads, N, N)). ``attn_drop`` (a Dropout module or None) acts on probs before ``@ v``.
+    """
+    Bw, heads, N, hd = q.shape
+    scale = hd ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)                       # (Bw, heads, N, N)
+    logits = logits + bias.unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        logits = logits.view(Bw // nW, nW, heads, N, N) + mask[None, :, None]
+        logits = logits.view(Bw, heads, N, N)
+    probs = logits.softmax(dim=-1)
+    dropped = probs if attn_drop is None else attn_drop(probs)
+    return dropped @ v, probs
+
+
+def dmca_attention_torch(q, k, v, groups=4):
+    """DMCA channel attention: q, k (B, C, Ls); v (B, C, L) -> (out (B, C, L),
+    attn (B, groups, g, g)); per image and group softmax(q_g k_g^T / sqrt(Ls)) v_g."""
+    B, C, Ls = q.shape
+    g = C // groups
+    out, attn = channel_attention_torch(q.reshape(B * groups, g, Ls), k.reshape(B * groups, g, Ls),
+                                        v.reshape(B * groups, g, v.shape[-1]))
+    return out.reshape(B, C, v.shape[-1]), attn.reshape(B, groups, g, g)
+
+
+_TORCH_FORMS = {
+    "selective_scan": selective_scan_torch,
+    "cross_scan": cross_scan_torch,
+    "cross_merge": cross_merge_torch,
+    "ss2d_scan": ss2d_scan_torch,
+    "window_attention": window_attention_torch,
+    "dmca_attention": dmca_attention_torch,
+}
+
+
+# =========================================================================================
+# backend plumbing: checks, conversions, streams, memory
+# =========================================================================================
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is a known name, else raise ValueError listing them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def uses_kernel(op: str, backend: str) -> bool:
+    """True if ``op`` runs a registered kernel on ``backend`` (False: its torch form)."""
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    fwd, bwd = KERNEL_OPS[op]
+    have = _kernels.registered()
+    return (fwd, backend) in have and (bwd, backend) in have
+
+
+def describe(backend: str) -> dict:
+    """{op: "torch" | "<kernel> (<version>)"} for every op on ``backend`` (no runtime needed)."""
+    out = {}
+    for op, (fwd, _) in KERNEL_OPS.items():
+        if uses_kernel(op, backend):
+            version = next(e.version for e in _kernels.entries(fwd, backend) if e.default)
+            out[op] = f"{fwd} ({version})"
+        else:
+            out[op] = "torch"
+    return out
+
+
+def _cudasim() -> bool:
+    """True when Numba's CUDA simulator is on (decided by the environment before import)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def _kernel(op: str, backend: str, which: int):
+    """The registered kernel (0 forward, 1 backward) with a clear error if unusable here."""
+    name = KERNEL_OPS[op][which]
+    try:
+        return _kernels.get(name, backend)
+    except KernelUnavailable as err:
+        raise KernelUnavailable(f"{op} with kernel_backend={backend!r}: {err}") from None
+
+
+def _check_tensors(op: str, backend: str, named: dict) -> torch.device:
+    """Every tensor a float32/float64 torch.Tensor of one dtype, on one device that the
+    backend can reach. Returns that device."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    for n, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {n} must be a torch.Tensor, got {type(t).__name__}")
+    name0, t0 = items[0]
+    if t0.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {name0} must be float32 or float64, got {t0.dtype}")
+    for n, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{op}: {n} has dtype {t.dtype} but {name0} has {t0.dtype}; "
+                            f"all inputs must share one dtype")
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {n} is on {t.device} but {name0} is on {t0.device}; "
+                             f"all inputs must be on one device")
+    want = _DEVICE_TYPE[backend]
+    got = t0.device.type
+    if got != want and not (backend == "numba_cuda" and got == "cpu" and _cudasim()):
+        hint = ("move the model and inputs with .cuda()" if want == "cuda"
+                else "move the model and inputs with .cpu(), or use a GPU backend")
+        raise ValueError(f"{op}: kernel_backend={backend!r} needs {want.upper()} tensors, got "
+                         f"{name0} on {t0.device} ({hint})")
+    return t0.device
+
+
+class _Runtime:
+    """Moves tensors to a backend's arrays and back, and sets up the launch (stream,
+    device, allocator). One instance per call; stored on the autograd ctx for backward."""
+
+    def __init__(self, backend: str, device: torch.device):
+        self.backend = backend
+        self.device = device
+        self.simulated = backend == "numba_cuda" and device.type == "cpu"
+
+    # -- tensors -> kernel arrays ------------------------------------------------------
+    def wrap(self, t):
+        if t is None:
+            return None
+        t = t.detach().contiguous()
+        if self.backend == "numba_cpu":
+            return t.numpy()
+        if self.backend == "numba_cuda":
+            from numba import cuda
+            if self.simulated:
+                return cuda.to_device(t.numpy())
+            return cuda.as_cuda_array(t)
+        import cupy
+        return cupy.from_dlpack(t)
+
+    # -- kernel arrays -> tensors ------------------------------------------------------
+    def unwrap(self, a):
+        if a is None:
+            return None
+        if isinstance(a, torch.Tensor):
+            return a
+        if self.backend == "numba_cpu":
+            a = np.asarray(a)
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            return torch.from_numpy(a)
+        if self.simulated:
+            return torch.from_numpy(np.ascontiguousarray(a.copy_to_host()))
+        if type(a).__module__.startswith("cupy"):
+            return torch.from_dlpack(a)
+        return torch.as_tensor(a, device=self.device)
+
+    # -- the launch context -------------------------------------------------------------
+    @contextlib.contextmanager
+    def launch(self):
+        if self.backend == "numba_cpu" or self.simulated:
+            yield
+            return
+        with torch.cuda.device(self.device):
+            if self.backend == "cupy":
+                import cupy
+                with cupy.cuda.Device(self.device.index), _cupy_stream(), _cupy_torch_allocator():
+                    yield
+                return
+            # numba_cuda: kernels go to the legacy default stream
+            share_torch_memory_with_numba()
+            current = torch.cuda.current_stream()
+            default = torch.cuda.default_stream()
+            if current == default:
+                yield
+            else:
+                default.wait_stream(current)
+                yield
+                current.wait_stream(default)
+
+
+def _cupy_stream():
+    import cupy
+    ptr = torch.cuda.current_stream().cuda_stream
+    return cupy.cuda.ExternalStream(ptr) if ptr else contextlib.nullcontext()
+
+
+def _torch_malloc(size, device_id):
+    stream = torch.cuda.current_stream(device_id)
+    return torch.cuda.caching_allocator_alloc(size, device_id, stream)
+
+
+def _torch_free(ptr, device_id):
+    torch.cuda.caching_allocator_delete(ptr)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_allocator():
+    import cupy
+    return cupy.cuda.memory.PythonFunctionAllocator(_torch_malloc, _torch_free).malloc
+
+
+def _cupy_torch_allocator():
+    """Scoped: CuPy's allocations inside the call come from PyTorch's caching allocator."""
+    if os.environ.get("SPARX_REF_SHARE_TORCH_MEMORY", "1") == "0":
+        return contextlib.nullcontext()
+    import cupy
+    return cupy.cuda.using_allocator(_cupy_allocator())
+
+
+_NUMBA_SHARED = {"done": False, "ok": False}
+
+
+def share_torch_memory_with_numba() -> bool:
+    """Make Numba's current CUDA context allocate from PyTorch's caching allocator.
+
+    Numba's own manager calls ``cuMemAlloc`` per array and frees in batches with
+    ``cuMemFree`` (which synchronises the device). This installs an EMM plugin on the
+    context instead, so numba arrays are carved out of PyTorch's pool (freed back to it when
+    the array is collected, stream-ordered on the current stream) and count in
+    ``torch.cuda.max_memory_allocated``. Done once; returns whether it is active.
+    Disabled by ``SPARX_REF_SHARE_TORCH_MEMORY=0``.
+    """
+    if _NUMBA_SHARED["done"]:
+        return _NUMBA_SHARED["ok"]
+    _NUMBA_SHARED["done"] = True
+    if os.environ.get("SPARX_REF_SHARE_TORCH_MEMORY", "1") == "0" or _cudasim():
+        return False
+    try:
+        from numba import cuda
+        import weakref
+
+        class TorchCUDAMemoryManager(cuda.GetIpcHandleMixin, cuda.HostOnlyCUDAMemoryManager):
+            """Numba EMM plugin: device memory from torch.cuda.caching_allocator_alloc."""
+
+            def initialize(self):
+                pass
+
+            def memalloc(self, size):
+                size = max(int(size), 1)
+                ptr = _torch_malloc(size, torch.cuda.current_device())
+                return cuda.MemoryPointer(weakref.proxy(self.context), ctypes.c_void_p(ptr), size,
+                                          finalizer=functools.partial(torch.cuda.caching_allocator_delete, ptr))
+
+            def get_memory_info(self):
+                free, total = torch.cuda.mem_get_info()
+                return cuda.MemoryInfo(free=free, total=total)
+
+            @property
+            def interface_version(self):
+                return 1
+
+        ctx = cuda.current_context()
+        if not isinstance(ctx.memory_manager, TorchCUDAMemoryManager):
+            ctx.memory_manager = TorchCUDAMemoryManager(context=ctx)
+            ctx.memory_manager.initialize()
+        _NUMBA_SHARED["ok"] = True
+    except Exception as err:  # an older/newer numba-cuda: keep its own allocator
+        warnings.warn(f"could not route Numba's CUDA allocations to PyTorch's allocator ({err!r}); "
+                      f"numba_cuda kernels allocate with cudaMalloc", RuntimeWarning, stacklevel=2)
+    return _NUMBA_SHARED["ok"]
+
+
+def _call_fwd(ctx, op, backend, device, args, kwargs):
+    """Run the forward kernel; keep what backward needs on ctx; return its output tensor(s)."""
+    rt = _Runtime(backend, device)
+    fwd = _kernel(op, backend, 0)
+    with rt.launch():
+        result = fwd(*[rt.wrap(a) if isinstance(a, torch.Tensor) else a for a in args],
+                     **{k: rt.wrap(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    ctx.rt, ctx.op = rt, op
+    return result, rt
+
+
+def _call_bwd(ctx, *douts):
+    rt = ctx.rt
+    bwd = _kernel(ctx.op, rt.backend, 1)
+    with rt.launch():
+        return bwd(*[rt.wrap(d) for d in douts], ctx.cache)
+
+
+# =========================================================================================
+# autograd Functions (kernel backends)
+# =========================================================================================
+_SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """selective_scan on a kernel backend; backward = the kernel's selective_scan_bwd."""
+
+    @staticmethod
+    def forward(ctx, backend, delta_softplus, u, delta, A, B, C, D, delta_bias):
+        device = _check_tensors("selective_scan", backend, dict(u=u, delta=delta, A=A, B=B, C=C, D=D,
+                                                                 delta_bias=delta_bias))
+        (y, cache), rt = _call_fwd(ctx, "selective_scan", backend, device, (u, delta, A, B, C, D, delta_bias),
+                                   {"delta_softplus": bool(delta_softplus)})
+        ctx.cache = cache
+        return rt.unwrap(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = _call_bwd(ctx, dy)
+        rt = ctx.rt
+        return (None, None) + tuple(rt.unwrap(grads[k]) if ctx.needs_input_grad[i + 2] else None
+                                    for i, k in enumerate(_SCAN_GRADS))
+
+
+class SS2DScanFn(torch.autograd.Function):
+    """ss2d_scan (fused cross-scan + scan + merge) on a kernel backend."""
+
+    @staticmethod
+    def forward(ctx, backend, delta_softplus, x, delta, A, B, C, D, delta_bias):
+        device = _check_tensors("ss2d_scan", backend, dict(x=x, delta=delta, A=A, B=B, C=C, D=D,
+                                                            delta_bias=delta_bias))
+        (y, cache), rt = _call_fwd(ctx, "ss2d_scan", backend, device, (x, delta, A, B, C, D, delta_bias),
+                                   {"delta_softplus": bool(delta_softplus)})
+        ctx.cache = cache
+        return rt.unwrap(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = _call_bwd(ctx, dy)
+        rt = ctx.rt
+        keys = ("x",) + _SCAN_GRADS[1:]
+        return (None, None) + tuple(rt.unwrap(grads[k]) if ctx.needs_input_grad[i + 2] else None
+                                    for i, k in enumerate(keys))
+
+
+class CrossScanFn(torch.autograd.Function):
+    """cross_scan on a kernel backend; backward = the kernel cross_merge (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, backend, x):
+        device = _check_tensors("cross_scan", backend, dict(x=x))
+        xs, rt = _call_fwd(ctx, "cross_scan", backend, device, (x,), {})
+        ctx.cache = None
+        ctx.hw = tuple(x.shape[2:])
+        return rt.unwrap(xs)
+
+    @staticmethod
+    def backward(ctx, dxs):
+        H, W = ctx.hw
+        rt = ctx.rt
+        with rt.launch():
+            dx = _kernel("cross_scan", rt.backend, 1)(rt.wrap(dxs), H, W)
+        return None, rt.unwrap(dx)
+
+
+class CrossMergeFn(torch.autograd.Function):
+    """cross_merge on a kernel backend; backward = the kernel cross_scan (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, backend, ys, H, W):
+        device = _check_tensors("cross_merge", backend, dict(ys=ys))
+        y, rt = _call_fwd(ctx, "cross_merge", backend, device, (ys, int(H), int(W)), {})
+        ctx.cache = None
+        return rt.unwrap(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rt = ctx.rt
+        with rt.launch():
+            dys = _kernel("cross_merge", rt.backend, 1)(rt.wrap(dy))
+        return None, rt.unwrap(dys), None, None
+
+
+class WindowAttentionFn(torch.autograd.Function):
+    """Swin's attention core on a kernel backend -> (out, probs); probs carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, backend, scale, q, k, v, bias, mask):
+        device = _check_tensors("window_attention", backend, dict(q=q, k=k, v=v, bias=bias, mask=mask))
+        (out, cache), rt = _call_fwd(ctx, "window_attention", backend, device, (q, k, v, bias, mask, scale), {})
+        ctx.cache = cache
+        probs = rt.unwrap(cache["probs"])
+        ctx.mark_non_differentiable(probs)
+        return rt.unwrap(out), probs
+
+    @staticmethod
+    def backward(ctx, dout, _dprobs):
+        grads = _call_bwd(ctx, dout)
+        rt = ctx.rt
+        return (None, None) + tuple(rt.unwrap(grads[k]) if ctx.needs_input_grad[i + 2] else None
+                                    for i, k in enumerate(("q", "k", "v", "bias"))) + (None,)
+
+
+class DMCAAttentionFn(torch.autograd.Function):
+    """DMCA channel attention on a kernel backend -> (out, attn); attn carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, backend, groups, q, k, v):
+        device = _check_tensors("dmca_attention", backend, dict(q=q, k=k, v=v))
+        (out, cache), rt = _call_fwd(ctx, "dmca_attention", backend, device, (q, k, v, int(groups)), {})
+        ctx.cache = cache
+        attn = rt.unwrap(cache["attn"])
+        ctx.mark_non_differentiable(attn)
+        return rt.unwrap(out), attn
+
+    @staticmethod
+    def backward(ctx, dout, _dattn):
+        grads = _call_bwd(ctx, dout)
+        rt = ctx.rt
+        return (None, None) + tuple(rt.unwrap(grads[k]) if ctx.needs_input_grad[i + 2] else None
+                                    for i, k in enumerate(("q", "k", "v")))
+
+
+# =========================================================================================
+# the entry points
+# =========================================================================================
+def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *, backend="torch"):
+    """y (b, KD, L): h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = <C_t, h_t> + D u_t, with
+    dt = softplus(delta + delta_bias) if delta_softplus (see :func:`.common.selective_scan_torch`)."""
+    if not uses_kernel("selective_scan", backend):
+        return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return SelectiveScanFn.apply(backend, delta_softplus, u, delta, A, B, C, D, delta_bias)
+
+
+def cross_scan(x, *, backend="torch"):
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
+    if not uses_kernel("cross_scan", backend):
+        return cross_scan_torch(x)
+    return CrossScanFn.apply(backend, x)
+
+
+def cross_merge(ys, H, W, *, backend="torch"):
+    """(B, 4, C, H*W) -> (B, C, H, W), the adjoint of :func:`cross_scan`."""
+    if not uses_kernel("cross_merge", backend):
+        return cross_merge_torch(ys, H, W)
+    return CrossMergeFn.apply(backend, ys, H, W)
+
+
+def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *, backend="torch"):
+    """cross_merge(selective_scan(cross_scan(x), ...)) in one call: (b, Di, H, W)."""
+    if not uses_kernel("ss2d_scan", backend):
+        return ss2d_scan_torch(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    return SS2DScanFn.apply(backend, delta_softplus, x, delta, A, B, C, D, delta_bias)
+
+
+def window_attention(q, k, v, bias, mask=None, scale=None, *, backend="torch", attn_drop=None):
+    """Swin's attention core -> (out (Bw, heads, N, hd), probs (Bw, heads, N, N)).
+
+    ``attn_drop``: the block's attention Dropout; the kernels have none, so on a kernel
+    backend it must be inactive (eval mode or p == 0), else NotImplementedError.
+    """
+    if not uses_kernel("window_attention", backend):
+        return window_attention_torch(q, k, v, bias, mask, scale, attn_drop)
+    if attn_drop is not None and attn_drop.training and attn_drop.p > 0:
+        raise NotImplementedError(f"attention dropout (p={attn_drop.p}) is not supported by the "
+                                  f"{backend!r} window-attention kernels; use kernel_backend='torch'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return WindowAttentionFn.apply(backend, scale, q, k, v, bias, mask)
+
+
+def dmca_attention(q, k, v, groups=4, *, backend="torch"):
+    """DMCA channel attention -> (out (B, C, L), attn (B, groups, g, g))."""
+    if not uses_kernel("dmca_attention", backend):
+        return dmca_attention_torch(q, k, v, groups)
+    return DMCAAttentionFn.apply(backend, int(groups), q, k, v)
+
+
+# =========================================================================================
+# wiring into the twins
+# =========================================================================================
+def kernel_table(backend: str):
+    """The :class:`.common.TorchKernels` row of ``backend`` (the table SparX-Mamba and the
+    torch DMCA call): scan, cross-scan/merge and channel attention routed through this module."""
+    from .common import TorchKernels
+    check_backend(backend)
+
+    def channel_attention(q, k, v):   # (B*G, g, Ls), (B*G, g, Ls), (B*G, g, L): one group each
+        out, attn = dmca_attention(q, k, v, groups=1, backend=backend)
+        return out, attn[:, 0]
+
+    return TorchKernels(backend, functools.partial(selective_scan, backend=backend),
+                        functools.partial(cross_scan, backend=backend),
+                        functools.partial(cross_merge, backend=backend), channel_attention)
+
+
+def set_kernel_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """Switch every hot-op call of a built twin to ``backend`` (in place; returns the model):
+    modules with a ``kernels`` table get :func:`kernel_table`, modules with a
+    ``kernel_backend`` attribute get the name."""
+    check_backend(backend)
+    table = kernel_table(backend)
+    for module in model.modules():
+        if hasattr(module, "kernel_backend"):
+            module.kernel_backend = backend
+        if hasattr(module, "kernels") and hasattr(module.kernels, "selective_scan"):
+            module.kernels = table
+    model.kernel_backend = backend
+    return model
+
+
+__all__ = ["BACKENDS", "KERNEL_OPS", "check_backend", "uses_kernel", "describe", "selective_scan",
+           "cross_scan", "cross_merge", "ss2d_scan", "window_attention", "dmca_attention",
+           "kernel_table", "set_kernel_backend", "share_torch_memory_with_numba",
+           "SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
+           "DMCAAttentionFn", "window_attention_torch", "dmca_attention_torch", "ss2d_scan_torch"]
