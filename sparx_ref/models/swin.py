@@ -301,8 +301,8 @@ class SwinTransformerBlock(Module):
         mid = x + self.drop_path1.forward(y)
         out = mid + self.drop_path2.forward(self.mlp.forward(self.norm2.forward(mid)))
         if rec is not None:
+            rec[name + ".attn_probs"] = msa_cache["probs"]         # golden act.* order
             rec[name + ".attn_in"] = msa_cache["attn_in"]
-            rec[name + ".attn_probs"] = msa_cache["probs"]
             rec[name + ".attn"] = msa_cache["attn_out"]
             rec[name + ".mid"] = mid
             rec[name] = out
@@ -508,20 +508,23 @@ class SwinTransformer(Module):
         rec = OrderedDict() if self.record else None
         t = self.norm.forward(self._stages(x, rec)[-1])
         pooled = t.mean(axis=1)                                    # AdaptiveAvgPool1d(1) over tokens
-        self._cache = t.shape
         if rec is not None:
             rec["norm"] = t
             rec["pooled"] = pooled
             self.recorded = rec
-        return self.head.forward(pooled) if self.head is not None else pooled
+        logits = self.head.forward(pooled) if self.head is not None else pooled
+        self._cache = (t.shape, logits.shape)
+        return logits
 
     def backward(self, dlogits):
         """Gradient of ``sum(logits * dlogits)``: returns dx (B, in_chans, H, W); parameter
         gradients land in ``self.grads`` (cleared at the start of every forward)."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first")
+        (B, Ltok, C), logits_shape = self._cache
         dlogits = as_float_array("dlogits", dlogits, ndim=2, dtype=self.dtype)
-        B, Ltok, C = self._cache
+        check_shape("dlogits", dlogits, logits_shape)
         dpooled = self.head.backward(dlogits) if self.head is not None else dlogits
-        check_shape("d pooled", dpooled, (B, C))
         dt = self.norm.backward(np.broadcast_to(dpooled[:, None, :] / Ltok, (B, Ltok, C)).copy())
         for layer in reversed(list(self.layers)):
             dt = layer.backward(dt)
