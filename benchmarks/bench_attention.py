@@ -1,0 +1,417 @@
+"""Benchmark the attention kernels (issue: attention kernels, section 3). Needs a CUDA GPU.
+
+Float32, side by side in one run on one card:
+
+- Swin-T stage-0 window attention: batch 64 -> 4096 windows of 7x7 = 49 tokens, 3 heads,
+  head dim 32, relative-position bias and shift mask; forward and forward+backward.
+- DMCA channel attention at SparX-Mamba-T shapes, batch 64, 4 groups: C 192, reduced 7x7,
+  full 28x28 (stage index 1) and C 320, reduced 7x7, full 14x14 (stage index 2).
+
+For every kernel version of both backends and for two PyTorch forms (the explicit
+matmul-softmax-matmul, and ``scaled_dot_product_attention`` with bias and mask folded into
+the heads): median time (CUDA events, inputs rotated over several sets), the byte and flop
+floors from the copy bandwidth and fp32 matmul rate (TF32 off) measured in this run, the
+fraction of the floor, and the ratio to each torch form (> 1: the kernel is faster).
+
+    NUMBA_ENABLE_CUDASIM=0 python benchmarks/bench_attention.py [--json out.json] [--sweep]
+
+Byte floors count each input read once and each output written once, with the outputs
+the ops' contracts return: the forward writes ``out`` and the probabilities (the cache's
+``probs``/``attn``); the backward reads ``dout``, q, k, v and the probabilities and writes
+dq, dk, dv (and dbias). Flop floors count the four (forward) or eight (backward)
+``N x N x d`` products' multiply-adds as 2 flops each; softmax arithmetic is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+# ---------------------------------------------------------------------------------------
+# timing helpers (benchmarks/common.py is the shared home for these; minimal versions
+# here keep this script runnable on its own)
+# ---------------------------------------------------------------------------------------
+
+
+def median_ms(fn, reps=30, warmup=5):
+    """Median over ``reps`` calls of the CUDA-event time of one call, after ``warmup`` calls."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth_gbs(nbytes=1 << 30):
+    """Device-to-device copy: (bytes read + bytes written) / median time."""
+    import torch
+    x = torch.randn(nbytes // 4, device="cuda")
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), reps=20, warmup=3)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def fp32_matmul_tflops(n=8192):
+    """fp32 matmul rate with TF32 off (the FFMA rate kernels without tensor cores can reach)."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    a = torch.randn(n, n, device="cuda")
+    b = torch.randn(n, n, device="cuda")
+    ms = median_ms(lambda: a @ b, reps=10, warmup=2)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------------------
+# Numba allocations through CuPy's pool (numba's own allocator calls cuMemFree, which
+# synchronises the device, between timed calls)
+# ---------------------------------------------------------------------------------------
+def use_cupy_pool_for_numba():
+    import ctypes
+
+    import cupy
+    from numba import cuda
+    from numba.cuda import GetIpcHandleMixin, HostOnlyCUDAMemoryManager, MemoryPointer
+
+    class CupyPool(GetIpcHandleMixin, HostOnlyCUDAMemoryManager):
+        def memalloc(self, size):
+            mem = cupy.cuda.alloc(size)
+
+            def release(mem=mem):
+                del mem
+            return MemoryPointer(self.context, ctypes.c_void_p(int(mem.ptr)), size, finalizer=release)
+
+        def initialize(self):
+            pass
+
+        def get_memory_info(self):
+            free, total = cupy.cuda.runtime.memGetInfo()
+            return free, total
+
+        @property
+        def interface_version(self):
+            return 1
+
+    cuda.set_memory_manager(CupyPool)
+
+
+# ---------------------------------------------------------------------------------------
+# problems
+# ---------------------------------------------------------------------------------------
+def window_problem(batch=64, nW=64, heads=3, N=49, hd=32):
+    Bw = batch * nW
+    elem = 4
+    qkv = Bw * heads * N * hd
+    probs = Bw * heads * N * N
+    tables = heads * N * N + nW * N * N
+    fwd_bytes = elem * (3 * qkv + tables + qkv + probs)
+    bwd_bytes = elem * (4 * qkv + probs + 3 * qkv + heads * N * N)
+    pairs = Bw * heads
+    return dict(name=f"window attn Bw={Bw} heads={heads} N={N} hd={hd}", batch=batch, nW=nW, heads=heads, N=N,
+                hd=hd, fwd_bytes=fwd_bytes, fwdbwd_bytes=fwd_bytes + bwd_bytes,
+                fwd_flops=pairs * 4 * N * N * hd, fwdbwd_flops=pairs * 12 * N * N * hd)
+
+
+def dmca_problem(B=64, C=192, groups=4, Ls=49, L=784):
+    g = C // groups
+    elem = 4
+    fwd_bytes = elem * (2 * B * C * Ls + B * C * L + B * C * L + B * groups * g * g)
+    bwd_bytes = elem * (B * C * L + 2 * B * C * Ls + B * C * L + B * groups * g * g + 2 * B * C * Ls + B * C * L)
+    pairs = B * groups
+    fwd_flops = pairs * (2 * g * g * Ls + 2 * g * g * L)
+    bwd_flops = pairs * (4 * g * g * L + 4 * g * g * Ls)
+    return dict(name=f"DMCA B={B} C={C} groups={groups} Ls={Ls} L={L}", B=B, C=C, groups=groups, Ls=Ls, L=L,
+                fwd_bytes=fwd_bytes, fwdbwd_bytes=fwd_bytes + bwd_bytes, fwd_flops=fwd_flops,
+                fwdbwd_flops=fwd_flops + bwd_flops)
+
+
+def _shift_mask(nW_side, M, shift):
+    """Swin's mask for an (nW_side*M)^2 grid (spec swin.md section 7), as float32 (nW, N, N)."""
+    H = nW_side * M
+    img = np.zeros((H, H), np.int64)
+    cnt = 0
+    for hs in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+        for ws in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+            img[hs, ws] = cnt
+            cnt += 1
+    win = img.reshape(nW_side, M, nW_side, M).transpose(0, 2, 1, 3).reshape(-1, M * M)
+    return np.where(win[:, None, :] != win[:, :, None], -100.0, 0.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# torch forms
+# ---------------------------------------------------------------------------------------
+def torch_window_explicit(q, k, v, bias, mask, scale, nW):
+    Bw, nH, N, _ = q.shape
+    attn = (q * scale) @ k.transpose(-2, -1) + bias
+    attn = (attn.view(Bw // nW, nW, nH, N, N) + mask[None, :, None]).view(Bw, nH, N, N)
+    return attn.softmax(-1) @ v
+
+
+def torch_window_sdpa(q, k, v, bias, mask, scale, nW):
+    import torch.nn.functional as F
+    Bw, nH, N, hd = q.shape
+    fold = lambda t: t.view(Bw // nW, nW * nH, N, hd)  # noqa: E731
+    m = (mask[:, None] + bias[None]).reshape(nW * nH, N, N)
+    return F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=m, scale=scale).view(Bw, nH, N, hd)
+
+
+def torch_dmca_explicit(q, k, v, groups):
+    B, C, Ls = q.shape
+    g = C // groups
+    qg, kg, vg = (t.view(B * groups, g, -1) for t in (q, k, v))
+    attn = ((qg @ kg.transpose(-2, -1)) * (1.0 / math.sqrt(Ls))).softmax(-1)
+    return (attn @ vg).view(B, C, -1)
+
+
+def torch_dmca_sdpa(q, k, v, groups):
+    import torch.nn.functional as F
+    B, C, Ls = q.shape
+    g = C // groups
+    qg, kg, vg = (t.view(B * groups, g, -1) for t in (q, k, v))
+    return F.scaled_dot_product_attention(qg, kg, vg).view(B, C, -1)
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------
+def _kernel_versions(op):
+    from sparx_ref.kernels import registry
+    return [(e.backend, e.version, e.default) for e in registry.entries(op) if e.backend in ("cupy", "numba_cuda")]
+
+
+def _fns(backend, kind, version):
+    import importlib
+    mod = importlib.import_module(f"sparx_ref.kernels.{backend}.attention")
+    return getattr(mod, f"{kind}_attention_fwd_{version}"), getattr(mod, f"{kind}_attention_bwd_{version}")
+
+
+def _to_backend(backend, t):
+    if backend == "cupy":
+        import cupy
+        return cupy.asarray(t)
+    from numba import cuda
+    return cuda.as_cuda_array(t)
+
+
+def _row(label, ms_fwd, ms_fb, prob, floors, torch_ms):
+    bw, rate = floors
+    fl_f = max(prob["fwd_bytes"] / (bw * 1e9), prob["fwd_flops"] / (rate * 1e12)) * 1e3
+    fl_fb = max(prob["fwdbwd_bytes"] / (bw * 1e9), prob["fwdbwd_flops"] / (rate * 1e12)) * 1e3
+    r = dict(label=label, fwd_ms=ms_fwd, fwdbwd_ms=ms_fb, fwd_floor_ms=fl_f, fwdbwd_floor_ms=fl_fb,
+             fwd_frac=fl_f / ms_fwd, fwdbwd_frac=fl_fb / ms_fb)
+    for tname, (tf, tfb) in torch_ms.items():
+        r[f"fwd_vs_{tname}"] = tf / ms_fwd
+        r[f"fwdbwd_vs_{tname}"] = tfb / ms_fb
+    return r
+
+
+def bench_window(floors, sets, reps, sweep):
+    import torch
+    from sparx_ref.ref.window_attention import window_attention_fwd as ref_fwd
+    from sparx_ref.testing import rel_err
+    prob = window_problem()
+    batch, nW, nH, N, hd = prob["batch"], prob["nW"], prob["heads"], prob["N"], prob["hd"]
+    Bw = batch * nW
+    scale = hd ** -0.5
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    mask = torch.from_numpy(_shift_mask(8, 7, 3)).cuda()
+    inputs = [dict(q=rnd(Bw, nH, N, hd), k=rnd(Bw, nH, N, hd), v=rnd(Bw, nH, N, hd), bias=0.5 * rnd(nH, N, N),
+                   dout=rnd(Bw, nH, N, hd)) for _ in range(sets)]
+    rows, torch_ms = [], {}
+    # torch forms
+    for tname, form in (("explicit", torch_window_explicit), ("sdpa", torch_window_sdpa)):
+        leaves = [{n: x[n].clone().requires_grad_(True) for n in ("q", "k", "v", "bias")} for x in inputs]
+        it = [0]
+
+        def fwd(form=form, leaves=leaves, it=it):
+            x = leaves[it[0] % sets]
+            it[0] += 1
+            with torch.no_grad():
+                return form(x["q"], x["k"], x["v"], x["bias"], mask, scale, nW)
+
+        def fb(form=form, leaves=leaves, it=it):
+            i = it[0] % sets
+            x = leaves[i]
+            it[0] += 1
+            out = form(x["q"], x["k"], x["v"], x["bias"], mask, scale, nW)
+            return torch.autograd.grad(out, [x["q"], x["k"], x["v"], x["bias"]], inputs[i]["dout"])
+        torch_ms[tname] = (median_ms(fwd, reps), median_ms(fb, reps))
+        rows.append(dict(label=f"torch {tname}", fwd_ms=torch_ms[tname][0], fwdbwd_ms=torch_ms[tname][1]))
+    # correctness of the kernels at this shape, on a slice of windows, vs the float64 reference
+    sl = slice(0, 2 * nW)
+    x0 = inputs[0]
+    ref_out, _ = ref_fwd(*(x0[n][sl].double().cpu().numpy() for n in ("q", "k", "v")),
+                         x0["bias"].double().cpu().numpy(), mask.double().cpu().numpy())
+    for backend, version, default in _kernel_versions("window_attention_fwd"):
+        fwd_k, bwd_k = _fns(backend, "window", version)
+        xs = [{n: _to_backend(backend, x[n]) for n in ("q", "k", "v", "bias", "dout")} for x in inputs]
+        mk = _to_backend(backend, mask)
+        out, _ = fwd_k(xs[0]["q"], xs[0]["k"], xs[0]["v"], xs[0]["bias"], mk)
+        out_host = out.get() if hasattr(out, "get") else out.copy_to_host()
+        err = rel_err(out_host[sl], ref_out)
+        it = [0]
+
+        def kf(fwd_k=fwd_k, xs=xs, mk=mk, it=it):
+            x = xs[it[0] % sets]
+            it[0] += 1
+            return fwd_k(x["q"], x["k"], x["v"], x["bias"], mk)
+
+        def kfb(fwd_k=fwd_k, bwd_k=bwd_k, xs=xs, mk=mk, it=it):
+            x = xs[it[0] % sets]
+            it[0] += 1
+            _, cache = fwd_k(x["q"], x["k"], x["v"], x["bias"], mk)
+            return bwd_k(x["dout"], cache)
+        r = _row(f"{backend} {version}{' (default)' if default else ''}", median_ms(kf, reps), median_ms(kfb, reps),
+                 prob, floors, torch_ms)
+        r["rel_err_out_vs_f64"] = err
+        rows.append(r)
+        if sweep and version == "fused":
+            rows += _sweep_window(backend, kf, kfb, prob, floors, torch_ms, reps)
+    return prob, rows
+
+
+def _sweep_window(backend, kf, kfb, prob, floors, torch_ms, reps):
+    """Block size / slab count of the fused kernels (module knobs, restored after)."""
+    import importlib
+    mod = importlib.import_module(f"sparx_ref.kernels.{backend}.attention")
+    tname, pname = ("_FUSED_THREADS", "_NPART_MAX") if backend == "cupy" else ("FUSED_THREADS", "NPART_MAX")
+    t0, p0 = getattr(mod, tname), getattr(mod, pname)
+    rows = []
+    try:
+        for threads in (64, 128, 256):
+            for npart in (128, 256, 512, 1024):
+                setattr(mod, tname, threads)
+                setattr(mod, pname, npart)
+                r = _row(f"  sweep {backend} fused threads={threads} npart={npart}", median_ms(kf, reps),
+                         median_ms(kfb, reps), prob, floors, torch_ms)
+                rows.append(r)
+    finally:
+        setattr(mod, tname, t0)
+        setattr(mod, pname, p0)
+    return rows
+
+
+def bench_dmca(prob, floors, sets, reps):
+    import torch
+    from sparx_ref.ref.dmca import dmca_attention_fwd as ref_fwd
+    from sparx_ref.testing import rel_err
+    B, C, G, Ls, L = prob["B"], prob["C"], prob["groups"], prob["Ls"], prob["L"]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    inputs = [dict(q=rnd(B, C, Ls), k=rnd(B, C, Ls), v=rnd(B, C, L), dout=rnd(B, C, L)) for _ in range(sets)]
+    rows, torch_ms = [], {}
+    for tname, form in (("explicit", torch_dmca_explicit), ("sdpa", torch_dmca_sdpa)):
+        leaves = [{n: x[n].clone().requires_grad_(True) for n in ("q", "k", "v")} for x in inputs]
+        it = [0]
+
+        def fwd(form=form, leaves=leaves, it=it):
+            x = leaves[it[0] % sets]
+            it[0] += 1
+            with torch.no_grad():
+                return form(x["q"], x["k"], x["v"], G)
+
+        def fb(form=form, leaves=leaves, it=it):
+            i = it[0] % sets
+            x = leaves[i]
+            it[0] += 1
+            out = form(x["q"], x["k"], x["v"], G)
+            return torch.autograd.grad(out, [x["q"], x["k"], x["v"]], inputs[i]["dout"])
+        torch_ms[tname] = (median_ms(fwd, reps), median_ms(fb, reps))
+        rows.append(dict(label=f"torch {tname}", fwd_ms=torch_ms[tname][0], fwdbwd_ms=torch_ms[tname][1]))
+    x0 = inputs[0]
+    ref_out, _ = ref_fwd(*(x0[n][:2].double().cpu().numpy() for n in ("q", "k", "v")), groups=G)
+    for backend, version, default in _kernel_versions("dmca_attention_fwd"):
+        fwd_k, bwd_k = _fns(backend, "dmca", version)
+        xs = [{n: _to_backend(backend, x[n]) for n in ("q", "k", "v", "dout")} for x in inputs]
+        out, _ = fwd_k(xs[0]["q"], xs[0]["k"], xs[0]["v"], G)
+        out_host = out.get() if hasattr(out, "get") else out.copy_to_host()
+        err = rel_err(out_host[:2], ref_out)
+        it = [0]
+
+        def kf(fwd_k=fwd_k, xs=xs, it=it):
+            x = xs[it[0] % sets]
+            it[0] += 1
+            return fwd_k(x["q"], x["k"], x["v"], G)
+
+        def kfb(fwd_k=fwd_k, bwd_k=bwd_k, xs=xs, it=it):
+            x = xs[it[0] % sets]
+            it[0] += 1
+            _, cache = fwd_k(x["q"], x["k"], x["v"], G)
+            return bwd_k(x["dout"], cache)
+        r = _row(f"{backend} {version}{' (default)' if default else ''}", median_ms(kf, reps), median_ms(kfb, reps),
+                 prob, floors, torch_ms)
+        r["rel_err_out_vs_f64"] = err
+        rows.append(r)
+    return rows
+
+
+def _print(title, prob, rows, floors):
+    print(f"\n## {title}: {prob['name']}  (floor fwd {rows[-1].get('fwd_floor_ms', float('nan')):.4f} ms, "
+          f"fwd+bwd {rows[-1].get('fwdbwd_floor_ms', float('nan')):.4f} ms)")
+    print(f"{'version':44s} {'fwd ms':>9s} {'frac':>6s} {'/expl':>6s} {'/sdpa':>6s} | {'f+b ms':>9s} {'frac':>6s} "
+          f"{'/expl':>6s} {'/sdpa':>6s} {'err':>8s}")
+    for r in rows:
+        f = lambda key, fmt="{:6.2f}": fmt.format(r[key]) if key in r else " " * 6  # noqa: E731
+        print(f"{r['label']:44s} {r['fwd_ms']:9.4f} {f('fwd_frac')} {f('fwd_vs_explicit')} {f('fwd_vs_sdpa')} | "
+              f"{r['fwdbwd_ms']:9.4f} {f('fwdbwd_frac')} {f('fwdbwd_vs_explicit')} {f('fwdbwd_vs_sdpa')} "
+              f"{f('rel_err_out_vs_f64', '{:8.1e}')}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (defeats L2 reuse)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' block size and slab count")
+    ap.add_argument("--numba-own-allocator", action="store_true",
+                    help="keep Numba's default allocator (its frees synchronise the device)")
+    args = ap.parse_args(argv)
+    if not args.numba_own_allocator:
+        use_cupy_pool_for_numba()
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    card = torch.cuda.get_device_name()
+    bw = copy_bandwidth_gbs()
+    rate = fp32_matmul_tflops()
+    floors = (bw, rate)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"card: {card}   date: {stamp}   torch {torch.__version__}   python {platform.python_version()}")
+    print(f"measured: copy bandwidth {bw:.0f} GB/s, fp32 matmul (TF32 off) {rate:.1f} TFLOP/s")
+    results = dict(card=card, date=stamp, copy_gbs=bw, fp32_tflops=rate, problems=[])
+    prob, rows = bench_window(floors, args.sets, args.reps, args.sweep)
+    _print("window attention", prob, rows, floors)
+    results["problems"].append(dict(problem=prob, rows=rows))
+    for p in (dmca_problem(C=192, L=784), dmca_problem(C=320, L=196)):
+        rows = bench_dmca(p, floors, args.sets, args.reps)
+        _print("DMCA attention", p, rows, floors)
+        results["problems"].append(dict(problem=p, rows=rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
