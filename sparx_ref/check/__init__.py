@@ -20,14 +20,14 @@ from .golden import (check, check_golden, golden_inputs, load_golden, oracle_res
 from .cli import main
 from .report import Report, Row
 
-__all__ = ["check", "check_golden", "check_torch_module", "write_golden", "load_golden",
+__all__ = ["check", "check_golden", "check_torch_module", "torch_results", "write_golden", "load_golden",
            "golden_inputs", "oracle_results", "main", "Report", "Row"]
 
 
 def __getattr__(name):
-    if name == "check_torch_module":      # imports torch only when asked for
-        from .torch_module import check_torch_module
-        return check_torch_module
+    if name in ("check_torch_module", "torch_results"):      # import torch only when asked for
+        from . import torch_module
+        return getattr(torch_module, name)
     raise AttributeError(f"module 'sparx_ref.check' has no attribute {name!r}")
 
 

@@ -398,16 +398,15 @@ def check(name: str, inputs: dict, outputs: dict, grads: dict | None = None, dty
     ``dtype``: the precision of the implementation, selecting the tolerances (default: the
     dtype of the first output). Returns a :class:`~sparx_ref.check.report.Report`.
     """
+    from ..testing import _to_numpy
     outputs = dict(outputs)
     if dtype is None:
         first = next(iter(outputs.values()), None)
-        dtype = "float32" if first is not None and np.asarray(
-            first.detach().cpu().numpy() if hasattr(first, "detach") else first).dtype == np.float32 else "float64"
+        dtype = "float32" if first is not None and _to_numpy(first).dtype == np.float32 else "float64"
     dtype = _check_dtype(dtype)
     if grads and cotangent is None:
         raise ValueError("grads were given but no cotangent: pass cotangent= (the array whose "
                          "product with the outputs was summed and differentiated)")
-    from ..testing import _to_numpy
     if name in OPS:
         spec = OPS[name]
         cfg = op_config(name, {k: v for k, v in (config or {}).items()})
@@ -423,8 +422,8 @@ def check(name: str, inputs: dict, outputs: dict, grads: dict | None = None, dty
             cots = cotangent if isinstance(cotangent, dict) else {next(iter(spec.outputs)): cotangent}
             cots = {k: _to_numpy(v) for k, v in cots.items()}
         _, _, reference = _op_reference(name, cfg, inputs=x, cotangents=cots, want_grads=bool(grads))
-        results = _prefixed(outputs, "out")
-        results.update(_prefixed(grads, "grad"))
+        results = _prefixed({k: _to_numpy(v) for k, v in outputs.items()}, "out")
+        results.update(_prefixed({k: _to_numpy(v) for k, v in (grads or {}).items()}, "grad"))
         return compare_to_reference(name, "op", reference, results, dtype)
     if not is_model(name):
         raise ValueError(f"unknown op or model {name!r}; expected one of {available_names()}")

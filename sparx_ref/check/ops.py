@@ -207,6 +207,31 @@ def _dmca_attention_backward(cot, cache, fns):
     return fns["dmca_attention_bwd"](cot["out"], cache)
 
 
+def _window_msa_inputs(cfg, rng):
+    H, W, M, s, C, heads = (cfg[k] for k in ("H", "W", "window", "shift", "C", "heads"))
+    return {
+        "x": rng.standard_normal((cfg["batch"], H * W, C)),
+        "qkv.weight": rng.normal(0.0, 1.0 / math.sqrt(C), (3 * C, C)),
+        "qkv.bias": rng.normal(0.0, 0.1, 3 * C),
+        "proj.weight": rng.normal(0.0, 1.0 / math.sqrt(C), (C, C)),
+        "proj.bias": rng.normal(0.0, 0.1, C),
+        "relative_position_bias_table": rng.normal(0.0, 0.5, ((2 * M - 1) ** 2, heads)),
+        "mask": ref_wa.shifted_window_mask(H, W, M, s) if s > 0 else None,
+    }
+
+
+def _window_msa_forward(x, cfg, fns):
+    params = {k: x[k] for k in ref_wa.WINDOW_MSA_PARAM_KEYS}
+    out, cache = fns["window_msa_fwd"](x["x"], params, H=int(cfg["H"]), W=int(cfg["W"]),
+                                       num_heads=int(cfg["heads"]), window_size=int(cfg["window"]),
+                                       shift_size=int(cfg["shift"]), mask=x.get("mask"))
+    return {"out": out}, cache
+
+
+def _window_msa_backward(cot, cache, fns):
+    return fns["window_msa_bwd"](cot["out"], cache)
+
+
 _SCAN_DEFAULTS = dict(batch=2, N=2, D=True, delta_bias=True, delta_softplus=True)
 
 OPS: dict[str, OpSpec] = {}
@@ -264,9 +289,12 @@ _register(OpSpec(
     upstream="VMamba cross_selective_scan core; sparx_ref.ref.ss2d.ss2d_scan_fwd",
     defaults=dict(_SCAN_DEFAULTS, Di=3, H=3, W=4),
     semantic=("delta_softplus",),
-    inputs=dict(x="(batch, Di, H, W) map to scan", **{k: v.replace("KD", "4*Di").replace("K,", "4,")
-                                                      .replace(", L)", ", H*W)")
-                                                      for k, v in _SCAN_DOC.items()}),
+    inputs=dict(x="(batch, Di, H, W) map to scan",
+                delta="(batch, 4*Di, H*W) time steps in scan order (channel k*Di + c: channel c, direction k)",
+                A="(4*Di, N) state matrix diagonal (negative)",
+                B="(batch, 4, N, H*W) input projections per direction, in scan order",
+                C="(batch, 4, N, H*W) output projections per direction, in scan order",
+                D="(4*Di,) skip weight (optional)", delta_bias="(4*Di,) (optional)"),
     outputs=dict(y="(batch, Di, H, W)"),
     differentiable=("x", "delta", "A", "B", "C", "D", "delta_bias"),
     functions=("ss2d_scan_fwd", "ss2d_scan_bwd"),
@@ -317,6 +345,23 @@ _register(OpSpec(
     functions=("dmca_attention_fwd", "dmca_attention_bwd"),
     make_inputs=_dmca_attention_inputs, forward=_dmca_attention_forward,
     backward=_dmca_attention_backward))
+
+_register(OpSpec(
+    name="window_msa",
+    summary="Swin's whole (S)W-MSA branch on norm1(x): roll by -shift, window partition, qkv, "
+            "window attention with relative position bias (+ mask), proj, window reverse, roll by +shift",
+    upstream="microsoft/Swin-Transformer SwinTransformerBlock.forward (attention branch); "
+             "sparx_ref.ref.window_attention.window_msa_fwd",
+    defaults=dict(batch=2, H=6, W=6, window=3, shift=1, heads=2, C=8),
+    semantic=("H", "W", "window", "shift", "heads"),
+    inputs={"x": "(batch, H*W, C) tokens (row-major), the output of norm1",
+            "qkv.weight": "(3C, C)", "qkv.bias": "(3C,)", "proj.weight": "(C, C)", "proj.bias": "(C,)",
+            "relative_position_bias_table": "((2*window-1)**2, heads)",
+            "mask": "(nW, N, N) attn_mask of 0/-100 (no gradient; absent when shift = 0)"},
+    outputs=dict(out="(batch, H*W, C)"),
+    differentiable=("x",) + tuple(ref_wa.WINDOW_MSA_PARAM_KEYS),
+    functions=("window_msa_fwd", "window_msa_bwd"),
+    make_inputs=_window_msa_inputs, forward=_window_msa_forward, backward=_window_msa_backward))
 
 
 def op_config(name: str, overrides: dict | None = None) -> dict:
