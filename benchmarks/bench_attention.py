@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -173,7 +174,7 @@ def torch_window_sdpa(q, k, v, bias, mask, scale, nW):
     Bw, nH, N, hd = q.shape
     fold = lambda t: t.view(Bw // nW, nW * nH, N, hd)  # noqa: E731
     m = (mask[:, None] + bias[None]).reshape(nW * nH, N, N)
-    return F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=m, scale=scale).view(Bw, nH, N, hd)
+    return F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=m, scale=scale).reshape(Bw, nH, N, hd)
 
 
 def torch_dmca_explicit(q, k, v, groups):
@@ -189,7 +190,7 @@ def torch_dmca_sdpa(q, k, v, groups):
     B, C, Ls = q.shape
     g = C // groups
     qg, kg, vg = (t.view(B * groups, g, -1) for t in (q, k, v))
-    return F.scaled_dot_product_attention(qg, kg, vg).view(B, C, -1)
+    return F.scaled_dot_product_attention(qg, kg, vg).reshape(B, C, -1)
 
 
 # ---------------------------------------------------------------------------------------
