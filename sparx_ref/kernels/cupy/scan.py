@@ -1,0 +1,791 @@
+"""CuPy kernels (CUDA C compiled at run time by NVRTC, no build step) for the selective scan,
+the cross scan/merge and the fused 2-D scan. float32 only (a TypeError says so).
+
+Same signatures, semantics and return conventions as :mod:`sparx_ref.ref.scan` and
+:mod:`sparx_ref.ref.ss2d`, with CuPy arrays (anything exposing ``__cuda_array_interface__``
+is accepted and viewed without a copy; outputs are CuPy arrays).
+
+The ladder (registry rows; the last of each op is the default):
+
+- selective_scan_fwd: ``naive`` (one thread per row, uncoalesced), ``warp`` (one warp per row,
+  lanes = consecutive steps, a warp-shuffle scan of (a, b) pairs per 32 steps).
+- selective_scan_bwd: ``warp`` (recompute the forward per round of 32*CHUNKS steps from stored
+  round-entry states, reverse warp scan for the adjoint, dB/dC summed over the block's channels
+  in shared memory, then over blocks by ``sum_middle``: deterministic).
+- cross_scan / cross_merge: ``naive`` (one thread per element), ``tiled`` (32x32 shared tiles
+  so the transposed directions are coalesced too).
+- ss2d_scan_fwd / ss2d_scan_bwd: ``composed`` (cross_scan + scan + cross_merge kernels, three
+  passes over memory), ``fused`` (one block per (batch, channel) reads the map once into shared
+  memory and scans all four directions from there; the merged result is written once).
+
+The CUDA source is ``CUDA_SOURCES["scan"]``; ``NSTATE`` (d_state) and ``CHUNKS`` are macros, one
+compiled module per pair met (cached).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
+                            scan_cache, scan_shapes, ss2d_shapes)
+
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "cross_scan", "cross_merge",
+           "ss2d_scan_fwd", "ss2d_scan_bwd"]
+
+CUDA_SOURCES = {"scan": r"""
+// Selective scan, cross scan and fused 2-D scan kernels (float32), compiled at run time by CuPy
+// (NVRTC). NSTATE (d_state N) and CHUNKS are compile-time constants; the host module compiles
+// one module per (N, CHUNKS) it meets. The Numba-CUDA module mirrors this file line for line.
+//
+// Layouts (all C-contiguous): u, delta, y (batch, KD, L); A (KD, N); B, C (batch, K, N, L);
+// x (batch, Di, H, W); xs/ys (batch, 4, Di, H*W). Channel c of the plain scan uses group
+// c / (KD / K). In the 2-D scan, channel k*Di + c is map channel c read in direction k.
+#ifndef NSTATE
+#define NSTATE 1
+#endif
+#ifndef CHUNKS
+#define CHUNKS 4
+#endif
+#define FULL_MASK 0xffffffffu
+
+// (h, w) read at scan index t by direction kdir: 0 row-major, 1 column-major, 2/3 reversed.
+// The plain scan is kdir = 0 on a 1 x L "map".
+__device__ __forceinline__ void scan_pos(int kdir, int t, int H, int W, int &h, int &w) {
+    int s = (kdir >= 2) ? (H * W - 1 - t) : t;
+    if (kdir & 1) { h = s % H; w = s / H; } else { h = s / W; w = s % W; }
+}
+
+// PyTorch's softplus (identity above 20) and its derivative
+__device__ __forceinline__ float softplus_f(float z) { return z > 20.f ? z : log1pf(expf(z)); }
+__device__ __forceinline__ float dsoftplus_f(float z) { return z > 20.f ? 1.f : 1.f / (1.f + expf(-z)); }
+
+// Inclusive warp scan of the affine maps h -> a h + b (lane order = time order).
+__device__ __forceinline__ void warp_scan_fwd(float &a, float &b, int lane) {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        float a_up = __shfl_up_sync(FULL_MASK, a, off);
+        float b_up = __shfl_up_sync(FULL_MASK, b, off);
+        if (lane >= off) { b = a * b_up + b; a = a * a_up; }
+    }
+}
+
+// Inclusive suffix scan (lane order reversed) of g -> alpha g + beta.
+__device__ __forceinline__ void warp_scan_rev(float &alpha, float &beta, int lane) {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        float a_dn = __shfl_down_sync(FULL_MASK, alpha, off);
+        float b_dn = __shfl_down_sync(FULL_MASK, beta, off);
+        if (lane + off < 32) { beta = alpha * b_dn + beta; alpha = alpha * a_dn; }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL_MASK, v, off);
+    return v;
+}
+
+// One warp scans one sequence of length L = H*W, 32*CHUNKS steps per round (the loads of a
+// round are issued together, then CHUNKS warp scans run, the state carried in `carry`).
+//   u at (h, w): u[h*pu + w]; delta, Bg, Cg (rows of length L) in scan order.
+//   y at (h, w): y[h*py + w] (= or += when accumulate); y == nullptr: no output (backward's
+//   pass 1). hstart != nullptr: the state entering round s is stored at hstart[s*NSTATE + n].
+__device__ void fwd_row(const float* u, int pu, const float* __restrict__ delta,
+                        const float* __restrict__ A, const float* __restrict__ Bg,
+                        const float* __restrict__ Cg, float Dc, float bias, int softplus,
+                        float* y, int py, int accumulate, int kdir, int H, int W,
+                        float* hstart) {
+    const int lane = threadIdx.x & 31;
+    const int L = H * W;
+    float carry[NSTATE], An[NSTATE];
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) { carry[n] = 0.f; An[n] = A[n]; }
+    for (int base = 0, s = 0; base < L; base += 32 * CHUNKS, ++s) {
+        if (hstart != nullptr && lane == 0) {
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) hstart[s * NSTATE + n] = carry[n];
+        }
+        float uv[CHUNKS], zv[CHUNKS], Bv[CHUNKS][NSTATE], Cv[CHUNKS][NSTATE];
+#pragma unroll
+        for (int j = 0; j < CHUNKS; ++j) {
+            int t = base + j * 32 + lane;
+            uv[j] = 0.f; zv[j] = 0.f;
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) { Bv[j][n] = 0.f; Cv[j][n] = 0.f; }
+            if (t < L) {
+                int h, w;
+                scan_pos(kdir, t, H, W, h, w);
+                uv[j] = u[h * pu + w];
+                zv[j] = delta[t] + bias;
+#pragma unroll
+                for (int n = 0; n < NSTATE; ++n) {
+                    Bv[j][n] = Bg[n * L + t];
+                    if (y != nullptr) Cv[j][n] = Cg[n * L + t];
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < CHUNKS; ++j) {
+            int t = base + j * 32 + lane;
+            bool valid = t < L;
+            float dt = softplus ? softplus_f(zv[j]) : zv[j];
+            float yv = Dc * uv[j];
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) {
+                float a = valid ? expf(dt * An[n]) : 1.f;
+                float b = valid ? dt * Bv[j][n] * uv[j] : 0.f;
+                warp_scan_fwd(a, b, lane);
+                float hn = a * carry[n] + b;
+                yv += Cv[j][n] * hn;
+                carry[n] = __shfl_sync(FULL_MASK, hn, 31);
+            }
+            if (y != nullptr && valid) {
+                int h, w;
+                scan_pos(kdir, t, H, W, h, w);
+                if (accumulate) y[h * py + w] += yv; else y[h * py + w] = yv;
+            }
+        }
+    }
+}
+
+// Backward of fwd_row for one sequence, one warp. Rounds are visited last to first; a round
+// first recomputes its forward states from hstart (written by fwd_row in pass 1), then runs
+// the adjoint recurrence g_t = dy_t C_t + a_{t+1} g_{t+1} as a reverse warp scan.
+//   du at (h, w): du[h*pdu + w] (= or +=); ddelta in scan order.
+//   dB/dC contributions (sum over the channels of a group):
+//     sred != nullptr: written to this warp's slice of shared memory sred[warp][2][CHUNKS*32*NSTATE],
+//       reduced over the block's warps and stored to partB/partC (N, L) (a deterministic
+//       partial sum per block; all warps of the block must call this together);
+//     otherwise atomicAdd into dBg/dCg (N, L).
+//   Per-row sums (warp-reduced, lane 0 writes): dA_out[n], *dD_out, *dbias_out.
+__device__ void bwd_row(const float* u, int pu, const float* dy, int pdy,
+                        const float* __restrict__ delta, const float* __restrict__ A,
+                        const float* __restrict__ Bg, const float* __restrict__ Cg, float Dc,
+                        float bias, int softplus, int kdir, int H, int W, int active,
+                        const float* hstart, float* du, int pdu, int du_accumulate,
+                        float* ddelta, float* sred, float* partB, float* partC,
+                        float* dBg, float* dCg, float* dA_out, float* dD_out, float* dbias_out) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    const int L = H * W;
+    const int nrounds = (L + 32 * CHUNKS - 1) / (32 * CHUNKS);
+    const int RED = CHUNKS * 32 * NSTATE;
+    float An[NSTATE], gcarry[NSTATE], anext[NSTATE], dA_acc[NSTATE];
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) { An[n] = A[n]; gcarry[n] = 0.f; anext[n] = 0.f; dA_acc[n] = 0.f; }
+    float dD_acc = 0.f, dbias_acc = 0.f;
+    for (int s = nrounds - 1; s >= 0; --s) {
+        const int base = s * 32 * CHUNKS;
+        float uv[CHUNKS], zv[CHUNKS], dyv[CHUNKS], Bv[CHUNKS][NSTATE], Cv[CHUNKS][NSTATE];
+#pragma unroll
+        for (int j = 0; j < CHUNKS; ++j) {
+            int t = base + j * 32 + lane;
+            uv[j] = 0.f; zv[j] = 0.f; dyv[j] = 0.f;
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) { Bv[j][n] = 0.f; Cv[j][n] = 0.f; }
+            if (active && t < L) {
+                int h, w;
+                scan_pos(kdir, t, H, W, h, w);
+                uv[j] = u[h * pu + w];
+                dyv[j] = dy[h * pdy + w];
+                zv[j] = delta[t] + bias;
+#pragma unroll
+                for (int n = 0; n < NSTATE; ++n) { Bv[j][n] = Bg[n * L + t]; Cv[j][n] = Cg[n * L + t]; }
+            }
+        }
+        // forward recompute inside the round: gate a, state h_t and h_{t-1}
+        float carry[NSTATE];
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) carry[n] = active ? hstart[s * NSTATE + n] : 0.f;
+        float dtv[CHUNKS], gate[CHUNKS][NSTATE], hcur[CHUNKS][NSTATE], hprev[CHUNKS][NSTATE];
+#pragma unroll
+        for (int j = 0; j < CHUNKS; ++j) {
+            bool valid = active && (base + j * 32 + lane < L);
+            float dt = softplus ? softplus_f(zv[j]) : zv[j];
+            dtv[j] = dt;
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) {
+                float a0 = valid ? expf(dt * An[n]) : 1.f;
+                float a = a0, b = valid ? dt * Bv[j][n] * uv[j] : 0.f;
+                warp_scan_fwd(a, b, lane);
+                float hn = a * carry[n] + b;
+                float hp = __shfl_up_sync(FULL_MASK, hn, 1);
+                if (lane == 0) hp = carry[n];
+                gate[j][n] = a0; hcur[j][n] = hn; hprev[j][n] = hp;
+                carry[n] = __shfl_sync(FULL_MASK, hn, 31);
+            }
+        }
+        // reverse pass
+#pragma unroll
+        for (int j = CHUNKS - 1; j >= 0; --j) {
+            int t = base + j * 32 + lane;
+            bool valid = active && t < L;
+            float dt = dtv[j];
+            float duv = Dc * dyv[j], ddt = 0.f;
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) {
+                float alpha = __shfl_down_sync(FULL_MASK, gate[j][n], 1);
+                if (lane == 31) alpha = anext[n];
+                float beta = valid ? dyv[j] * Cv[j][n] : 0.f;
+                warp_scan_rev(alpha, beta, lane);
+                float g = alpha * gcarry[n] + beta;      // dL/dh_t
+                gcarry[n] = __shfl_sync(FULL_MASK, g, 0);
+                anext[n] = __shfl_sync(FULL_MASK, gate[j][n], 0);
+                float cb = 0.f, cc = 0.f;
+                if (valid) {
+                    float ga = g * hprev[j][n] * gate[j][n];
+                    duv += g * dt * Bv[j][n];
+                    ddt += g * Bv[j][n] * uv[j] + ga * An[n];
+                    dA_acc[n] += ga * dt;
+                    cb = g * dt * uv[j];
+                    cc = dyv[j] * hcur[j][n];
+                }
+                if (sred != nullptr) {
+                    sred[(warp * 2 + 0) * RED + (j * 32 + lane) * NSTATE + n] = cb;
+                    sred[(warp * 2 + 1) * RED + (j * 32 + lane) * NSTATE + n] = cc;
+                } else if (valid) {
+                    atomicAdd(&dBg[n * L + t], cb);
+                    atomicAdd(&dCg[n * L + t], cc);
+                }
+            }
+            if (valid) {
+                float dz = softplus ? ddt * dsoftplus_f(zv[j]) : ddt;
+                ddelta[t] = dz;
+                dbias_acc += dz;
+                dD_acc += dyv[j] * uv[j];
+                int h, w;
+                scan_pos(kdir, t, H, W, h, w);
+                if (du_accumulate) du[h * pdu + w] += duv; else du[h * pdu + w] = duv;
+            }
+        }
+        if (sred != nullptr) {   // block reduction of dB/dC over the warps (channels) of the block
+            __syncthreads();
+            for (int e = threadIdx.x; e < RED; e += blockDim.x) {
+                int t = base + e / NSTATE, n = e % NSTATE;
+                if (t < L) {
+                    float sb = 0.f, sc = 0.f;
+                    for (int q = 0; q < nwarps; ++q) { sb += sred[(q * 2) * RED + e]; sc += sred[(q * 2 + 1) * RED + e]; }
+                    partB[n * L + t] = sb;
+                    partC[n * L + t] = sc;
+                }
+            }
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) {
+        float v = warp_sum(dA_acc[n]);
+        if (active && lane == 0) dA_out[n] = v;
+    }
+    dD_acc = warp_sum(dD_acc);
+    dbias_acc = warp_sum(dbias_acc);
+    if (active && lane == 0) { *dD_out = dD_acc; *dbias_out = dbias_acc; }
+}
+
+extern "C" {
+
+// ladder rung 1, "naive": one thread per (batch, channel) row, walking L sequentially. Adjacent
+// threads read addresses L apart: every load is its own memory transaction.
+__global__ void scan_fwd_naive(const float* u, const float* delta, const float* A, const float* B,
+                               const float* C, const float* D, const float* bias, float* y,
+                               int batch, int KD, int L, int K, int softplus) {
+    int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= batch * KD) return;
+    int b = row / KD, c = row % KD, k = c / (KD / K);
+    const float* Bg = B + ((long long)(b * K + k) * NSTATE) * L;
+    const float* Cg = C + ((long long)(b * K + k) * NSTATE) * L;
+    float h[NSTATE];
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) h[n] = 0.f;
+    float Dc = D[c], bc = bias[c];
+    for (int t = 0; t < L; ++t) {
+        float ut = u[(long long)row * L + t];
+        float z = delta[(long long)row * L + t] + bc;
+        float dt = softplus ? softplus_f(z) : z;
+        float yt = Dc * ut;
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            h[n] = expf(dt * A[c * NSTATE + n]) * h[n] + dt * Bg[n * L + t] * ut;
+            yt += Cg[n * L + t] * h[n];
+        }
+        y[(long long)row * L + t] = yt;
+    }
+}
+
+// ladder rung 2, "warp": one warp per row; lanes hold consecutive time steps (coalesced loads),
+// a warp-shuffle scan of (a, b) pairs per 32 steps, the state carried between them.
+__global__ void scan_fwd_warp(const float* u, const float* delta, const float* A, const float* B,
+                              const float* C, const float* D, const float* bias, float* y,
+                              int batch, int KD, int L, int K, int softplus) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= batch * KD) return;            // whole warps leave together
+    int b = row / KD, c = row % KD, k = c / (KD / K);
+    long long off = (long long)row * L;
+    long long goff = (long long)(b * K + k) * NSTATE * L;
+    fwd_row(u + off, L, delta + off, A + c * NSTATE, B + goff, C + goff, D[c], bias[c], softplus,
+            y + off, L, 0, 0, 1, L, nullptr);
+}
+
+// Backward, one warp per row, the block's warps = consecutive channels of one group, so dB/dC
+// are summed over the block in shared memory (deterministic partial sums per block, added by
+// sum_middle afterwards). Grid (ceil(Dg / warps), K, batch). Pass 1 stores the state entering
+// each round (hstart); pass 2 runs the rounds backwards.
+__global__ void scan_bwd_warp(const float* u, const float* delta, const float* A, const float* B,
+                              const float* C, const float* D, const float* bias, const float* dy,
+                              float* hstart, float* du, float* ddelta, float* partB, float* partC,
+                              float* partA, float* partD, float* partbias,
+                              int batch, int KD, int L, int K, int softplus) {
+    extern __shared__ float sred[];
+    int nwarps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    int Dg = KD / K, k = blockIdx.y, b = blockIdx.z;
+    int ci = blockIdx.x * nwarps + warp;
+    int active = ci < Dg;
+    int c = k * Dg + (active ? ci : 0);
+    int row = b * KD + c;
+    long long off = (long long)row * L;
+    long long goff = (long long)(b * K + k) * NSTATE * L;
+    int nrounds = (L + 32 * CHUNKS - 1) / (32 * CHUNKS);
+    float* hs = hstart + (long long)row * nrounds * NSTATE;
+    if (active)
+        fwd_row(u + off, L, delta + off, A + c * NSTATE, B + goff, C + goff, D[c], bias[c],
+                softplus, nullptr, L, 0, 0, 1, L, hs);
+    __syncwarp();
+    long long poff = ((long long)(b * K + k) * gridDim.x + blockIdx.x) * NSTATE * L;
+    bwd_row(u + off, L, dy + off, L, delta + off, A + c * NSTATE, B + goff, C + goff, D[c], bias[c],
+            softplus, 0, 1, L, active, hs, du + off, L, 0, ddelta + off, sred, partB + poff,
+            partC + poff, nullptr, nullptr, partA + (long long)row * NSTATE, partD + row,
+            partbias + row);
+}
+
+// out[o, i] = sum_p in[o, p, i] (in order p = 0, 1, ...: deterministic).
+__global__ void sum_middle(const float* in, float* out, int outer, int P, int inner) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)outer * inner) return;
+    long long o = idx / inner, i = idx % inner;
+    float s = 0.f;
+    for (int p = 0; p < P; ++p) s += in[(o * P + p) * inner + i];
+    out[idx] = s;
+}
+
+// cross scan, "naive": one thread per map element, writing its four copies. Directions 1 and 3
+// write addresses H apart across a warp (uncoalesced).
+__global__ void cross_scan_naive(const float* x, float* xs, int batch, int C, int H, int W) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int L = H * W;
+    if (idx >= (long long)batch * C * L) return;
+    int p = idx % L; long long bc = idx / L;
+    int b = bc / C, c = bc % C, h = p / W, w = p % W;
+    float v = x[idx];
+    long long plane = (long long)C * L;
+    long long o = (long long)b * 4 * plane + (long long)c * L;
+    xs[o + p] = v;
+    xs[o + plane + w * H + h] = v;
+    xs[o + 2 * plane + L - 1 - p] = v;
+    xs[o + 3 * plane + L - 1 - (w * H + h)] = v;
+}
+
+// cross scan, "tiled": a 32x32 tile through shared memory, so the transposed directions are
+// written along h (coalesced) too. Block (32, 8), grid (ceil(W/32), ceil(H/32), batch*C).
+__global__ void cross_scan_tiled(const float* x, float* xs, int batch, int C, int H, int W) {
+    __shared__ float tile[32][33];
+    int L = H * W;
+    int bc = blockIdx.z, b = bc / C, c = bc % C;
+    int h0 = blockIdx.y * 32, w0 = blockIdx.x * 32;
+    long long plane = (long long)C * L;
+    const float* xm = x + (long long)bc * L;
+    float* o0 = xs + (long long)b * 4 * plane + (long long)c * L;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int h = h0 + i, w = w0 + threadIdx.x;
+        if (h < H && w < W) {
+            float v = xm[h * W + w];
+            tile[i][threadIdx.x] = v;
+            o0[h * W + w] = v;
+            o0[2 * plane + L - 1 - (h * W + w)] = v;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int w = w0 + i, h = h0 + threadIdx.x;
+        if (h < H && w < W) {
+            float v = tile[threadIdx.x][i];
+            o0[plane + w * H + h] = v;
+            o0[3 * plane + L - 1 - (w * H + h)] = v;
+        }
+    }
+}
+
+__global__ void cross_merge_naive(const float* ys, float* y, int batch, int C, int H, int W) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int L = H * W;
+    if (idx >= (long long)batch * C * L) return;
+    int p = idx % L; long long bc = idx / L;
+    int b = bc / C, c = bc % C, h = p / W, w = p % W;
+    long long plane = (long long)C * L;
+    const float* i0 = ys + (long long)b * 4 * plane + (long long)c * L;
+    int q = w * H + h;
+    y[idx] = i0[p] + i0[plane + q] + i0[2 * plane + L - 1 - p] + i0[3 * plane + L - 1 - q];
+}
+
+// cross merge, "tiled": directions 1 and 3 are read along h (coalesced) into a shared tile.
+__global__ void cross_merge_tiled(const float* ys, float* y, int batch, int C, int H, int W) {
+    __shared__ float tile[32][33];
+    int L = H * W;
+    int bc = blockIdx.z, b = bc / C, c = bc % C;
+    int h0 = blockIdx.y * 32, w0 = blockIdx.x * 32;
+    long long plane = (long long)C * L;
+    const float* i0 = ys + (long long)b * 4 * plane + (long long)c * L;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int w = w0 + i, h = h0 + threadIdx.x;
+        if (h < H && w < W) {
+            int q = w * H + h;
+            tile[threadIdx.x][i] = i0[plane + q] + i0[3 * plane + L - 1 - q];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int h = h0 + i, w = w0 + threadIdx.x;
+        if (h < H && w < W) {
+            int p = h * W + w;
+            y[(long long)bc * L + p] = (i0[p] + i0[2 * plane + L - 1 - p]) + tile[i][threadIdx.x];
+        }
+    }
+}
+
+// Fused 2-D scan forward: one block of 2 warps per (batch, channel). The map is loaded once
+// (coalesced) into shared memory with an odd row pitch P (conflict-free column reads). Warp 0
+// scans directions 0 then 2 and accumulates straight into y (same warp: ordered by __syncwarp);
+// warp 1 scans directions 1 then 3 into a shared buffer; then the block adds the buffer to y.
+// Every y element is the same fixed-order sum (d0 + d2) + (d1 + d3): deterministic.
+// Dynamic shared memory: 2 * H * P floats.
+__global__ void ss2d_fwd_fused(const float* x, const float* delta, const float* A, const float* B,
+                               const float* C, const float* D, const float* bias, float* y,
+                               int batch, int Di, int H, int W, int P, int softplus) {
+    extern __shared__ float smem[];
+    float* xm = smem;
+    float* ybuf = smem + H * P;
+    int bc = blockIdx.x, b = bc / Di, c = bc % Di;
+    int L = H * W;
+    const float* xg = x + (long long)bc * L;
+    float* yg = y + (long long)bc * L;
+    for (int p = threadIdx.x; p < L; p += blockDim.x) xm[(p / W) * P + p % W] = xg[p];
+    __syncthreads();
+    int warp = threadIdx.x >> 5;
+    for (int pass = 0; pass < 2; ++pass) {
+        int kdir = warp + 2 * pass;
+        int ch = kdir * Di + c;
+        long long off = ((long long)b * 4 * Di + ch) * L;
+        long long goff = (long long)(b * 4 + kdir) * NSTATE * L;
+        if (warp == 0)
+            fwd_row(xm, P, delta + off, A + ch * NSTATE, B + goff, C + goff, D[ch], bias[ch],
+                    softplus, yg, W, pass, kdir, H, W, nullptr);
+        else
+            fwd_row(xm, P, delta + off, A + ch * NSTATE, B + goff, C + goff, D[ch], bias[ch],
+                    softplus, ybuf, P, pass, kdir, H, W, nullptr);
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < L; p += blockDim.x) yg[p] += ybuf[(p / W) * P + p % W];
+}
+
+// Fused 2-D scan backward: the same block layout. Shared memory: x, dy and warp 1's dx buffer
+// (3 * H * P floats); warp 0 accumulates directions 0 and 2 straight into dx. ddelta is written
+// in scan order; dB/dC are sums over the Di channels (other blocks): atomicAdd into zeroed
+// dB/dC (their low bits depend on the order of the atomics; everything else is deterministic).
+__global__ void ss2d_bwd_fused(const float* x, const float* dy, const float* delta, const float* A,
+                               const float* B, const float* C, const float* D, const float* bias,
+                               float* hstart, float* dx, float* ddelta, float* dB, float* dC,
+                               float* partA, float* partD, float* partbias,
+                               int batch, int Di, int H, int W, int P, int softplus) {
+    extern __shared__ float smem[];
+    float* xm = smem;
+    float* dym = smem + H * P;
+    float* dxbuf = smem + 2 * H * P;
+    int bc = blockIdx.x, b = bc / Di, c = bc % Di;
+    int L = H * W;
+    int nrounds = (L + 32 * CHUNKS - 1) / (32 * CHUNKS);
+    const float* xg = x + (long long)bc * L;
+    const float* dyg = dy + (long long)bc * L;
+    float* dxg = dx + (long long)bc * L;
+    for (int p = threadIdx.x; p < L; p += blockDim.x) {
+        xm[(p / W) * P + p % W] = xg[p];
+        dym[(p / W) * P + p % W] = dyg[p];
+    }
+    __syncthreads();
+    int warp = threadIdx.x >> 5;
+    for (int pass = 0; pass < 2; ++pass) {
+        int kdir = warp + 2 * pass;
+        int ch = kdir * Di + c;
+        int row = b * 4 * Di + ch;
+        long long off = (long long)row * L;
+        long long goff = (long long)(b * 4 + kdir) * NSTATE * L;
+        float* hs = hstart + (long long)row * nrounds * NSTATE;
+        fwd_row(xm, P, delta + off, A + ch * NSTATE, B + goff, C + goff, D[ch], bias[ch], softplus,
+                nullptr, 0, 0, kdir, H, W, hs);
+        __syncwarp();
+        bwd_row(xm, P, dym, P, delta + off, A + ch * NSTATE, B + goff, C + goff, D[ch], bias[ch],
+                softplus, kdir, H, W, 1, hs, warp == 0 ? dxg : dxbuf, warp == 0 ? W : P, pass,
+                ddelta + off, nullptr, nullptr, nullptr, dB + goff, dC + goff,
+                partA + (long long)row * NSTATE, partD + row, partbias + row);
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < L; p += blockDim.x) dxg[p] += dxbuf[(p / W) * P + p % W];
+}
+
+}  // extern "C"
+"""}
+NVRTC_OPTIONS = ("-DNSTATE=1", "-DCHUNKS=4")
+
+FWD_WARPS = 8          # warps per block of scan_fwd_warp (one row each)
+FWD_CHUNKS = 4         # 32-step chunks per round (loads in flight per lane)
+BWD_WARPS = 8          # channels per block of scan_bwd_warp (dB/dC reduced over them)
+BWD_CHUNKS = 4
+FUSED_CHUNKS = 8       # the fused kernels have only 2 warps per block: more loads per warp
+_MODULES: dict = {}
+
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def _module(nstate: int, chunks: int):
+    key = (int(nstate), int(chunks))
+    if key not in _MODULES:
+        cp = _cp()
+        _MODULES[key] = cp.RawModule(code=CUDA_SOURCES["scan"],
+                                     options=(f"-DNSTATE={key[0]}", f"-DCHUNKS={key[1]}"))
+    return _MODULES[key]
+
+
+def _kernel(name, nstate=1, chunks=4, shared=0):
+    k = _module(nstate, chunks).get_function(name)
+    if shared > 48 * 1024 and k.max_dynamic_shared_size_bytes < shared:
+        k.max_dynamic_shared_size_bytes = shared
+    return k
+
+
+def _max_shared() -> int:
+    cp = _cp()
+    dev = cp.cuda.Device()
+    return int(dev.attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+
+
+def _empty(shape):
+    cp = _cp()
+    return cp.full(shape, np.nan, np.float32) if poisoning() else cp.empty(shape, np.float32)
+
+
+def _dev(x):
+    """A C-contiguous CuPy view of x (CuPy or __cuda_array_interface__), no copy if possible."""
+    cp = _cp()
+    return cp.ascontiguousarray(cp.asarray(x))
+
+
+def _or_zeros(v, n):
+    cp = _cp()
+    return cp.zeros(n, np.float32) if v is None else _dev(v)
+
+
+def _i(v):
+    return np.int32(v)
+
+
+def _sum_middle(part, outer, P, inner):
+    out = _empty((outer * inner,))
+    k = _kernel("sum_middle")
+    total = outer * inner
+    k(((total + 255) // 256,), (256,), (part, out, _i(outer), _i(P), _i(inner)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# selective scan
+# ---------------------------------------------------------------------------------------
+def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    batch, KD, L, K, N, _ = scan_shapes(u, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
+                                        backend="cupy")
+    args = [_dev(u), _dev(delta), _dev(A), _dev(B), _dev(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD)]
+    y = _empty((batch, KD, L))
+    rows = batch * KD
+    tail = (y, _i(batch), _i(KD), _i(L), _i(K), _i(bool(delta_softplus)))
+    if version == "naive":
+        _kernel("scan_fwd_naive", N)(((rows + 127) // 128,), (128,), (*args, *tail))
+    else:
+        _kernel("scan_fwd_warp", N, FWD_CHUNKS)(((rows + FWD_WARPS - 1) // FWD_WARPS,), (32 * FWD_WARPS,),
+                                                (*args, *tail))
+    return y, scan_cache(u, delta, A, B, C, D, delta_bias, delta_softplus, (batch, KD, L, K, N))
+
+
+def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Ladder rung "naive": one thread per (batch, channel) row (uncoalesced loads)."""
+    return _scan_fwd("naive", u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Selective scan forward, one warp per row with a warp-shuffle scan (default). Returns
+    ``(y, cache)``; see :func:`sparx_ref.ref.scan.selective_scan_fwd`."""
+    return _scan_fwd("warp", u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_bwd(dy, cache):
+    """Backward of :func:`selective_scan_fwd`: dict keyed u, delta, A, B, C, D, delta_bias."""
+    cp = _cp()
+    batch, KD, L, K, N = cache["shape"]
+    check_dy("dy", dy, (batch, KD, L), np.float32)
+    Dg = KD // K
+    nblk = (Dg + BWD_WARPS - 1) // BWD_WARPS
+    nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
+    D, bias = cache["D"], cache["delta_bias"]
+    hstart = cp.empty((batch * KD * nrounds * N,), np.float32)
+    du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
+    partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
+    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    shared = BWD_WARPS * 2 * BWD_CHUNKS * 32 * N * 4
+    k = _kernel("scan_bwd_warp", N, BWD_CHUNKS, shared)
+    k((nblk, K, batch), (32 * BWD_WARPS,),
+      (_dev(cache["u"]), _dev(cache["delta"]), _dev(cache["A"]), _dev(cache["B"]), _dev(cache["C"]),
+       _or_zeros(D, KD), _or_zeros(bias, KD), _dev(dy), hstart, du, ddelta, partB, partC, partA, partD,
+       partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"]))),
+      shared_mem=shared)
+    return {"u": du, "delta": ddelta,
+            "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
+            "B": _sum_middle(partB, batch * K, nblk, N * L).reshape(batch, K, N, L),
+            "C": _sum_middle(partC, batch * K, nblk, N * L).reshape(batch, K, N, L),
+            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
+            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}
+
+
+# ---------------------------------------------------------------------------------------
+# cross scan / cross merge
+# ---------------------------------------------------------------------------------------
+def _check_map(x):
+    if not hasattr(x, "shape") or len(x.shape) != 4:
+        raise ValueError(f"x must have 4 dimensions (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+    check_dtype(x.dtype, (np.float32,), "cupy")
+    return tuple(int(s) for s in x.shape)
+
+
+def _launch_2d(name, src, dst, batch, C, H, W, version):
+    if version == "tiled" and batch * C <= 65535:
+        _kernel(name + "_tiled")(((W + 31) // 32, (H + 31) // 32, batch * C), (32, 8),
+                                 (src, dst, _i(batch), _i(C), _i(H), _i(W)))
+    else:
+        total = batch * C * H * W
+        _kernel(name + "_naive")(((total + 255) // 256,), (256,), (src, dst, _i(batch), _i(C), _i(H), _i(W)))
+
+
+def _cross_scan(x, version):
+    batch, C, H, W = _check_map(x)
+    xs = _empty((batch, K_DIRECTIONS, C, H * W))
+    _launch_2d("cross_scan", _dev(x), xs, batch, C, H, W, version)
+    return xs
+
+
+def _cross_merge(ys, H, W, version):
+    batch, C, H, W = check_merge_shapes(ys, H, W)
+    check_dtype(ys.dtype, (np.float32,), "cupy")
+    y = _empty((batch, C, H, W))
+    _launch_2d("cross_merge", _dev(ys), y, batch, C, H, W, version)
+    return y
+
+
+def cross_scan_naive(x):
+    """Ladder rung "naive": one thread per element; directions 1/3 written uncoalesced."""
+    return _cross_scan(x, "naive")
+
+
+def cross_scan(x):
+    """``x (B, C, H, W)`` -> ``(B, 4, C, H*W)`` through 32x32 shared tiles (default)."""
+    return _cross_scan(x, "tiled")
+
+
+def cross_merge_naive(ys, H, W):
+    """Ladder rung "naive": one thread per output element; directions 1/3 read uncoalesced."""
+    return _cross_merge(ys, H, W, "naive")
+
+
+def cross_merge(ys, H, W):
+    """``ys (B, 4, C, H*W)`` -> ``(B, C, H, W)`` through 32x32 shared tiles (default)."""
+    return _cross_merge(ys, H, W, "tiled")
+
+
+# ---------------------------------------------------------------------------------------
+# 2-D scan
+# ---------------------------------------------------------------------------------------
+def _pitch(W):
+    return W | 1            # odd row pitch: column reads hit 32 different banks
+
+
+def ss2d_scan_fwd_composed(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Ladder rung "composed": cross_scan, selective_scan_fwd and cross_merge kernels in turn
+    (the released code's three passes; the (batch, 4, Di, L) intermediates go through memory)."""
+    batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
+                                        backend="cupy")
+    xs = cross_scan(x).reshape(batch, K_DIRECTIONS * Di, H * W)
+    ys, _ = selective_scan_fwd(xs, delta, A, B, C, D, delta_bias, delta_softplus)
+    y = cross_merge(ys.reshape(batch, K_DIRECTIONS, Di, H * W), H, W)
+    return y, scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N))
+
+
+def ss2d_scan_bwd_composed(dy, cache):
+    """Ladder rung "composed" of the backward: cross_scan(dy), the scan backward, cross_merge."""
+    batch, Di, H, W, N = cache["shape"]
+    check_dy("dy", dy, (batch, Di, H, W), np.float32)
+    KD, L = K_DIRECTIONS * Di, H * W
+    xs = cross_scan(cache["u"]).reshape(batch, KD, L)
+    sc = scan_cache(xs, cache["delta"], cache["A"], cache["B"], cache["C"], cache["D"],
+                    cache["delta_bias"], cache["delta_softplus"], (batch, KD, L, K_DIRECTIONS, N))
+    g = selective_scan_bwd(cross_scan(dy).reshape(batch, KD, L), sc)
+    dxs = g.pop("u")
+    return {"x": cross_merge(dxs.reshape(batch, K_DIRECTIONS, Di, L), H, W), **g}
+
+
+def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Fused 2-D scan forward (default): one block per (batch, channel) reads the map once into
+    shared memory, two warps scan the four directions from there, y is written once. Falls back
+    to the composed version when the map does not fit in shared memory. Returns ``(y, cache)``;
+    see :func:`sparx_ref.ref.ss2d.ss2d_scan_fwd`."""
+    batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
+                                        backend="cupy")
+    P = _pitch(W)
+    shared = 2 * H * P * 4
+    if shared > _max_shared():
+        return ss2d_scan_fwd_composed(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    KD = K_DIRECTIONS * Di
+    y = _empty((batch, Di, H, W))
+    k = _kernel("ss2d_fwd_fused", N, FUSED_CHUNKS, shared)
+    k((batch * Di,), (64,),
+      (_dev(x), _dev(delta), _dev(A), _dev(B), _dev(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
+       _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(delta_softplus))), shared_mem=shared)
+    return y, scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N))
+
+
+def ss2d_scan_bwd(dy, cache):
+    """Fused 2-D scan backward (default): dict keyed x, delta, A, B, C, D, delta_bias.
+    dx and ddelta are deterministic; dB/dC are summed with atomics (low bits may vary)."""
+    cp = _cp()
+    batch, Di, H, W, N = cache["shape"]
+    check_dy("dy", dy, (batch, Di, H, W), np.float32)
+    P = _pitch(W)
+    shared = 3 * H * P * 4
+    if shared > _max_shared():
+        return ss2d_scan_bwd_composed(dy, cache)
+    KD, L = K_DIRECTIONS * Di, H * W
+    nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
+    D, bias = cache["D"], cache["delta_bias"]
+    hstart = cp.empty((batch * KD * nrounds * N,), np.float32)
+    dx, ddelta = _empty((batch, Di, H, W)), _empty((batch, KD, L))
+    dB = cp.zeros((batch, K_DIRECTIONS, N, L), np.float32)      # atomics add into these
+    dC = cp.zeros((batch, K_DIRECTIONS, N, L), np.float32)
+    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    k = _kernel("ss2d_bwd_fused", N, BWD_CHUNKS, shared)
+    k((batch * Di,), (64,),
+      (_dev(cache["u"]), _dev(dy), _dev(cache["delta"]), _dev(cache["A"]), _dev(cache["B"]),
+       _dev(cache["C"]), _or_zeros(D, KD), _or_zeros(bias, KD), hstart, dx, ddelta, dB, dC, partA,
+       partD, partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"]))),
+      shared_mem=shared)
+    return {"x": dx, "delta": ddelta, "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
+            "B": dB, "C": dC,
+            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
+            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}

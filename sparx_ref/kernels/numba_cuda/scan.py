@@ -1,0 +1,914 @@
+"""Numba-CUDA kernels for the selective scan, the cross scan/merge and the fused 2-D scan.
+
+The same kernels as the CuPy backend (:mod:`sparx_ref.kernels.cupy.scan`, whose module
+docstring describes the ladder and the CUDA C source), written in Python for ``numba.cuda``:
+read the two side by side. float32 only (a TypeError says so). Inputs: anything exposing
+``__cuda_array_interface__`` (CuPy arrays, Numba device arrays, torch CUDA tensors); outputs are
+Numba device arrays, or CuPy arrays when the first input was a CuPy array.
+
+Simulator (``NUMBA_ENABLE_CUDASIM=1``, the CI): it has no warp shuffles and no ``syncwarp``, so
+there the warp primitives below are emulated through shared memory and ``syncthreads``. That is
+why every kernel keeps its control flow uniform over the block (no early return; idle warps run
+the same loops with ``active = 0``): a block-wide barrier must be reached by all threads.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import config, cuda, float32
+
+from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
+                            scan_cache, scan_shapes, ss2d_shapes)
+
+__all__ = ["selective_scan_fwd", "selective_scan_bwd", "cross_scan", "cross_merge",
+           "ss2d_scan_fwd", "ss2d_scan_bwd"]
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+FULL_MASK = 0xFFFFFFFF
+f32 = np.float32
+
+FWD_WARPS = 8          # rows (warps) per block of scan_fwd_warp
+FWD_CHUNKS = 4         # 32-step chunks per round: loads in flight per lane
+BWD_WARPS = 8          # channels per block of scan_bwd_warp (dB/dC reduced over them)
+BWD_CHUNKS = 4
+FUSED_CHUNKS = 8       # fused kernels have 2 warps per block: more loads per warp
+SHARED_LIMIT = 48 * 1024   # Numba cannot raise a kernel's dynamic shared memory above 48 KB
+if SIMULATOR:          # every simulated thread is a Python thread: small blocks, 32-step rounds
+    FWD_WARPS = BWD_WARPS = 2
+    FWD_CHUNKS = BWD_CHUNKS = FUSED_CHUNKS = 1
+
+
+# ---------------------------------------------------------------------------------------
+# warp primitives (real ones on a GPU; shared-memory emulation in the simulator)
+# ---------------------------------------------------------------------------------------
+if not SIMULATOR:
+    @cuda.jit(device=True, inline=True)
+    def shfl_up(v, off):
+        return cuda.shfl_up_sync(FULL_MASK, v, off)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_down(v, off):
+        return cuda.shfl_down_sync(FULL_MASK, v, off)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_idx(v, src):
+        return cuda.shfl_sync(FULL_MASK, v, src)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_xor(v, mask):
+        return cuda.shfl_xor_sync(FULL_MASK, v, mask)
+
+    @cuda.jit(device=True, inline=True)
+    def syncwarp():
+        cuda.syncwarp()
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_up2(a, b, off):
+        return cuda.shfl_up_sync(FULL_MASK, a, off), cuda.shfl_up_sync(FULL_MASK, b, off)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_down2(a, b, off):
+        return cuda.shfl_down_sync(FULL_MASK, a, off), cuda.shfl_down_sync(FULL_MASK, b, off)
+else:  # pragma: no cover - exercised by the simulator tests
+    def _exchange(v):
+        buf = cuda.shared.array(1024, float32)
+        tid = cuda.threadIdx.x + cuda.blockDim.x * cuda.threadIdx.y
+        cuda.syncthreads()
+        buf[tid] = v
+        cuda.syncthreads()
+        return buf, tid
+
+    def shfl_up(v, off):
+        buf, tid = _exchange(v)
+        return buf[tid - off] if (tid & 31) >= off else v
+
+    def shfl_down(v, off):
+        buf, tid = _exchange(v)
+        return buf[tid + off] if (tid & 31) + off < 32 else v
+
+    def shfl_idx(v, src):
+        buf, tid = _exchange(v)
+        return buf[(tid & ~31) + src]
+
+    def shfl_xor(v, mask):
+        buf, tid = _exchange(v)
+        return buf[(tid & ~31) + ((tid & 31) ^ mask)]
+
+    def syncwarp():
+        cuda.syncthreads()
+
+    def _exchange2(a, b):
+        buf_a = cuda.shared.array(1024, float32)
+        buf_b = cuda.shared.array(1024, float32)
+        tid = cuda.threadIdx.x + cuda.blockDim.x * cuda.threadIdx.y
+        cuda.syncthreads()
+        buf_a[tid] = a
+        buf_b[tid] = b
+        cuda.syncthreads()
+        return buf_a, buf_b, tid
+
+    def shfl_up2(a, b, off):
+        buf_a, buf_b, tid = _exchange2(a, b)
+        if (tid & 31) >= off:
+            return buf_a[tid - off], buf_b[tid - off]
+        return a, b
+
+    def shfl_down2(a, b, off):
+        buf_a, buf_b, tid = _exchange2(a, b)
+        if (tid & 31) + off < 32:
+            return buf_a[tid + off], buf_b[tid + off]
+        return a, b
+
+
+@cuda.jit(device=True, inline=True)
+def scan_pos(kdir, t, H, W):
+    """Map index (h, w) read at scan index t by direction kdir (0 row-major, 1 column-major,
+    2/3 reversed); the plain scan is kdir = 0 on a 1 x L map."""
+    s = H * W - 1 - t if kdir >= 2 else t
+    if kdir & 1:
+        return s % H, s // H
+    return s // W, s % W
+
+
+@cuda.jit(device=True, inline=True)
+def softplus_f(z):
+    return z if z > f32(20.0) else f32(math.log1p(math.exp(z)))
+
+
+@cuda.jit(device=True, inline=True)
+def dsoftplus_f(z):
+    return f32(1.0) if z > f32(20.0) else f32(1.0) / (f32(1.0) + f32(math.exp(-z)))
+
+
+@cuda.jit(device=True)
+def warp_sum(v):
+    off = 16
+    while off > 0:
+        v += shfl_xor(v, off)
+        off //= 2
+    return v
+
+
+# ---------------------------------------------------------------------------------------
+# kernels, built per (d_state, chunks): both are compile-time constants of the kernel
+# ---------------------------------------------------------------------------------------
+_BUILT: dict = {}
+
+
+def _build(NSTATE: int, CHUNKS: int):
+    """Return a namespace of kernels for d_state = NSTATE and CHUNKS 32-step chunks a round."""
+    key = (NSTATE, CHUNKS)
+    if key in _BUILT:
+        return _BUILT[key]
+    ROUND = 32 * CHUNKS
+    RED = CHUNKS * 32 * NSTATE
+
+    @cuda.jit(device=True)
+    def fwd_row(u, uoff, pu, delta, doff, A, aoff, B, C, goff, Dc, bias, softplus,
+                y, yoff, py, has_y, accumulate, kdir, H, W, hs, hoff, has_hs, active):
+        """One warp scans one sequence (see the CUDA C fwd_row): u at u[uoff + h*pu + w],
+        delta[doff + t], B/C[goff + n*L + t], y at y[yoff + h*py + w] (= or +=)."""
+        lane = cuda.threadIdx.x & 31
+        L = H * W
+        carry = cuda.local.array(NSTATE, float32)
+        An = cuda.local.array(NSTATE, float32)
+        for n in range(NSTATE):
+            carry[n] = f32(0.0)
+            An[n] = A[aoff + n]
+        uv = cuda.local.array(CHUNKS, float32)
+        zv = cuda.local.array(CHUNKS, float32)
+        Bv = cuda.local.array((CHUNKS, NSTATE), float32)
+        Cv = cuda.local.array((CHUNKS, NSTATE), float32)
+        nrounds = (L + ROUND - 1) // ROUND
+        for s in range(nrounds):
+            base = s * ROUND
+            if has_hs and active and lane == 0:
+                for n in range(NSTATE):
+                    hs[hoff + s * NSTATE + n] = carry[n]
+            for j in range(CHUNKS):
+                t = base + j * 32 + lane
+                uv[j] = f32(0.0)
+                zv[j] = f32(0.0)
+                for n in range(NSTATE):
+                    Bv[j, n] = f32(0.0)
+                    Cv[j, n] = f32(0.0)
+                if active and t < L:
+                    h, w = scan_pos(kdir, t, H, W)
+                    uv[j] = u[uoff + h * pu + w]
+                    zv[j] = delta[doff + t] + bias
+                    for n in range(NSTATE):
+                        Bv[j, n] = B[goff + n * L + t]
+                        if has_y:
+                            Cv[j, n] = C[goff + n * L + t]
+            for j in range(CHUNKS):
+                t = base + j * 32 + lane
+                valid = active and t < L
+                dt = softplus_f(zv[j]) if softplus else zv[j]
+                yv = Dc * uv[j]
+                for n in range(NSTATE):
+                    a = f32(math.exp(dt * An[n])) if valid else f32(1.0)
+                    b = dt * Bv[j, n] * uv[j] if valid else f32(0.0)
+                    off = 1
+                    while off < 32:          # inclusive warp scan of h -> a h + b
+                        a_up, b_up = shfl_up2(a, b, off)
+                        if lane >= off:
+                            b = a * b_up + b
+                            a = a * a_up
+                        off *= 2
+                    hn = a * carry[n] + b
+                    yv += Cv[j, n] * hn
+                    carry[n] = shfl_idx(hn, 31)
+                if has_y and valid:
+                    h, w = scan_pos(kdir, t, H, W)
+                    if accumulate:
+                        y[yoff + h * py + w] += yv
+                    else:
+                        y[yoff + h * py + w] = yv
+
+    @cuda.jit(device=True)
+    def bwd_row(u, uoff, pu, dy, dyoff, pdy, delta, doff, A, aoff, B, C, goff, Dc, bias, softplus,
+                kdir, H, W, active, hs, hoff, du, duoff, pdu, du_accumulate, ddelta,
+                sred, has_sred, partB, partC, poff, dB, dC, use_atomics,
+                dA_out, dD_out, dbias_out, rowidx):
+        """Backward of fwd_row for one sequence (see the CUDA C bwd_row). Rounds last to first:
+        recompute the round's forward states from hs, then the reverse warp scan of the adjoint
+        g_t = dy_t C_t + a_{t+1} g_{t+1}. dB/dC: block reduction in shared memory (has_sred) or
+        atomics into dB/dC. Per-row sums go to dA_out[rowidx*N + n], dD_out/dbias_out[rowidx]."""
+        lane = cuda.threadIdx.x & 31
+        warp = cuda.threadIdx.x >> 5
+        nwarps = cuda.blockDim.x >> 5
+        L = H * W
+        nrounds = (L + ROUND - 1) // ROUND
+        An = cuda.local.array(NSTATE, float32)
+        gcarry = cuda.local.array(NSTATE, float32)
+        anext = cuda.local.array(NSTATE, float32)
+        dA_acc = cuda.local.array(NSTATE, float32)
+        carry = cuda.local.array(NSTATE, float32)
+        for n in range(NSTATE):
+            An[n] = A[aoff + n]
+            gcarry[n] = f32(0.0)
+            anext[n] = f32(0.0)
+            dA_acc[n] = f32(0.0)
+        dD_acc = f32(0.0)
+        dbias_acc = f32(0.0)
+        uv = cuda.local.array(CHUNKS, float32)
+        zv = cuda.local.array(CHUNKS, float32)
+        dyv = cuda.local.array(CHUNKS, float32)
+        dtv = cuda.local.array(CHUNKS, float32)
+        Bv = cuda.local.array((CHUNKS, NSTATE), float32)
+        Cv = cuda.local.array((CHUNKS, NSTATE), float32)
+        gate = cuda.local.array((CHUNKS, NSTATE), float32)
+        hcur = cuda.local.array((CHUNKS, NSTATE), float32)
+        hprev = cuda.local.array((CHUNKS, NSTATE), float32)
+        for si in range(nrounds):
+            s = nrounds - 1 - si
+            base = s * ROUND
+            for j in range(CHUNKS):
+                t = base + j * 32 + lane
+                uv[j] = f32(0.0)
+                zv[j] = f32(0.0)
+                dyv[j] = f32(0.0)
+                for n in range(NSTATE):
+                    Bv[j, n] = f32(0.0)
+                    Cv[j, n] = f32(0.0)
+                if active and t < L:
+                    h, w = scan_pos(kdir, t, H, W)
+                    uv[j] = u[uoff + h * pu + w]
+                    dyv[j] = dy[dyoff + h * pdy + w]
+                    zv[j] = delta[doff + t] + bias
+                    for n in range(NSTATE):
+                        Bv[j, n] = B[goff + n * L + t]
+                        Cv[j, n] = C[goff + n * L + t]
+            for n in range(NSTATE):
+                carry[n] = hs[hoff + s * NSTATE + n] if active else f32(0.0)
+            # forward recompute inside the round
+            for j in range(CHUNKS):
+                valid = active and (base + j * 32 + lane < L)
+                dt = softplus_f(zv[j]) if softplus else zv[j]
+                dtv[j] = dt
+                for n in range(NSTATE):
+                    a0 = f32(math.exp(dt * An[n])) if valid else f32(1.0)
+                    a = a0
+                    b = dt * Bv[j, n] * uv[j] if valid else f32(0.0)
+                    off = 1
+                    while off < 32:
+                        a_up, b_up = shfl_up2(a, b, off)
+                        if lane >= off:
+                            b = a * b_up + b
+                            a = a * a_up
+                        off *= 2
+                    hn = a * carry[n] + b
+                    hp = shfl_up(hn, 1)
+                    if lane == 0:
+                        hp = carry[n]
+                    gate[j, n] = a0
+                    hcur[j, n] = hn
+                    hprev[j, n] = hp
+                    carry[n] = shfl_idx(hn, 31)
+            # reverse pass
+            for jj in range(CHUNKS):
+                j = CHUNKS - 1 - jj
+                t = base + j * 32 + lane
+                valid = active and t < L
+                dt = dtv[j]
+                duv = Dc * dyv[j]
+                ddt = f32(0.0)
+                for n in range(NSTATE):
+                    alpha = shfl_down(gate[j, n], 1)
+                    if lane == 31:
+                        alpha = anext[n]
+                    beta = dyv[j] * Cv[j, n] if valid else f32(0.0)
+                    off = 1
+                    while off < 32:          # inclusive suffix scan of g -> alpha g + beta
+                        a_dn, b_dn = shfl_down2(alpha, beta, off)
+                        if lane + off < 32:
+                            beta = alpha * b_dn + beta
+                            alpha = alpha * a_dn
+                        off *= 2
+                    g = alpha * gcarry[n] + beta            # dL/dh_t
+                    gcarry[n] = shfl_idx(g, 0)
+                    anext[n] = shfl_idx(gate[j, n], 0)
+                    cb = f32(0.0)
+                    cc = f32(0.0)
+                    if valid:
+                        ga = g * hprev[j, n] * gate[j, n]
+                        duv += g * dt * Bv[j, n]
+                        ddt += g * Bv[j, n] * uv[j] + ga * An[n]
+                        dA_acc[n] += ga * dt
+                        cb = g * dt * uv[j]
+                        cc = dyv[j] * hcur[j, n]
+                    if has_sred:
+                        sred[(warp * 2) * RED + (j * 32 + lane) * NSTATE + n] = cb
+                        sred[(warp * 2 + 1) * RED + (j * 32 + lane) * NSTATE + n] = cc
+                    elif use_atomics and valid:
+                        cuda.atomic.add(dB, goff + n * L + t, cb)
+                        cuda.atomic.add(dC, goff + n * L + t, cc)
+                if valid:
+                    dz = ddt * dsoftplus_f(zv[j]) if softplus else ddt
+                    ddelta[doff + t] = dz
+                    dbias_acc += dz
+                    dD_acc += dyv[j] * uv[j]
+                    h, w = scan_pos(kdir, t, H, W)
+                    if du_accumulate:
+                        du[duoff + h * pdu + w] += duv
+                    else:
+                        du[duoff + h * pdu + w] = duv
+            if has_sred:      # dB/dC summed over the block's warps (channels): deterministic
+                cuda.syncthreads()
+                e = cuda.threadIdx.x
+                while e < RED:
+                    t = base + e // NSTATE
+                    n = e % NSTATE
+                    if t < L:
+                        sb = f32(0.0)
+                        sc = f32(0.0)
+                        for q in range(nwarps):
+                            sb += sred[(q * 2) * RED + e]
+                            sc += sred[(q * 2 + 1) * RED + e]
+                        partB[poff + n * L + t] = sb
+                        partC[poff + n * L + t] = sc
+                    e += cuda.blockDim.x
+                cuda.syncthreads()
+        for n in range(NSTATE):
+            v = warp_sum(dA_acc[n])
+            if active and lane == 0:
+                dA_out[rowidx * NSTATE + n] = v
+        dD_acc = warp_sum(dD_acc)
+        dbias_acc = warp_sum(dbias_acc)
+        if active and lane == 0:
+            dD_out[rowidx] = dD_acc
+            dbias_out[rowidx] = dbias_acc
+
+    def scan_fwd_naive(u, delta, A, B, C, D, bias, y, batch, KD, L, K, softplus):
+        """Ladder rung "naive": one thread per (batch, channel) row, walking L."""
+        row = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if row < batch * KD:
+            b = row // KD
+            c = row % KD
+            k = c // (KD // K)
+            goff = (b * K + k) * NSTATE * L
+            h = cuda.local.array(NSTATE, float32)
+            for n in range(NSTATE):
+                h[n] = f32(0.0)
+            Dc = D[c]
+            bc = bias[c]
+            for t in range(L):
+                ut = u[row * L + t]
+                z = delta[row * L + t] + bc
+                dt = softplus_f(z) if softplus else z
+                yt = Dc * ut
+                for n in range(NSTATE):
+                    h[n] = f32(math.exp(dt * A[c * NSTATE + n])) * h[n] + dt * B[goff + n * L + t] * ut
+                    yt += C[goff + n * L + t] * h[n]
+                y[row * L + t] = yt
+
+    def scan_fwd_warp(u, delta, A, B, C, D, bias, y, batch, KD, L, K, softplus):
+        """Ladder rung "warp": one warp per row, lanes = consecutive steps (coalesced)."""
+        nwarps = cuda.blockDim.x >> 5
+        row0 = cuda.blockIdx.x * nwarps + (cuda.threadIdx.x >> 5)
+        active = row0 < batch * KD
+        row = row0 if active else 0
+        b = row // KD
+        c = row % KD
+        k = c // (KD // K)
+        fwd_row(u, row * L, L, delta, row * L, A, c * NSTATE, B, C, (b * K + k) * NSTATE * L, D[c],
+                bias[c], softplus, y, row * L, L, True, False, 0, 1, L, y, 0, False, active)
+
+    def scan_bwd_warp(u, delta, A, B, C, D, bias, dy, hstart, du, ddelta, partB, partC, partA,
+                      partD, partbias, batch, KD, L, K, softplus):
+        """Backward: a block = consecutive channels of one group (grid (ceil(Dg/warps), K, batch));
+        dB/dC summed over the block in shared memory, then over blocks by sum_middle."""
+        sred = cuda.shared.array(0, float32)
+        nwarps = cuda.blockDim.x >> 5
+        warp = cuda.threadIdx.x >> 5
+        Dg = KD // K
+        k = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        ci = cuda.blockIdx.x * nwarps + warp
+        active = ci < Dg
+        c = k * Dg + (ci if active else 0)
+        row = b * KD + c
+        goff = (b * K + k) * NSTATE * L
+        nrounds = (L + ROUND - 1) // ROUND
+        hoff = row * nrounds * NSTATE
+        fwd_row(u, row * L, L, delta, row * L, A, c * NSTATE, B, C, goff, D[c], bias[c], softplus,
+                du, 0, L, False, False, 0, 1, L, hstart, hoff, True, active)
+        syncwarp()
+        poff = ((b * K + k) * cuda.gridDim.x + cuda.blockIdx.x) * NSTATE * L
+        bwd_row(u, row * L, L, dy, row * L, L, delta, row * L, A, c * NSTATE, B, C, goff, D[c], bias[c],
+                softplus, 0, 1, L, active, hstart, hoff, du, row * L, L, False, ddelta,
+                sred, True, partB, partC, poff, partB, partC, False, partA, partD, partbias, row)
+
+    def ss2d_fwd_fused(x, delta, A, B, C, D, bias, y, batch, Di, H, W, P, softplus):
+        """Fused 2-D scan forward, one block of 2 warps per (batch, channel): the map in shared
+        memory (pitch P), warp 0 = directions 0 then 2 straight into y, warp 1 = directions 1
+        then 3 into a shared buffer, then y += buffer (fixed order: deterministic)."""
+        smem = cuda.shared.array(0, float32)
+        bc = cuda.blockIdx.x
+        b = bc // Di
+        c = bc % Di
+        L = H * W
+        ybase = H * P
+        p = cuda.threadIdx.x
+        while p < L:
+            smem[(p // W) * P + p % W] = x[bc * L + p]
+            p += cuda.blockDim.x
+        cuda.syncthreads()
+        warp = cuda.threadIdx.x >> 5
+        for ps in range(2):
+            kdir = warp + 2 * ps
+            ch = kdir * Di + c
+            off = (b * 4 * Di + ch) * L
+            goff = (b * 4 + kdir) * NSTATE * L
+            if warp == 0:
+                fwd_row(smem, 0, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch], bias[ch], softplus,
+                        y, bc * L, W, True, ps == 1, kdir, H, W, y, 0, False, True)
+            else:
+                fwd_row(smem, 0, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch], bias[ch], softplus,
+                        smem, ybase, P, True, ps == 1, kdir, H, W, y, 0, False, True)
+            syncwarp()
+        cuda.syncthreads()
+        p = cuda.threadIdx.x
+        while p < L:
+            y[bc * L + p] += smem[ybase + (p // W) * P + p % W]
+            p += cuda.blockDim.x
+
+    def ss2d_bwd_fused(x, dy, delta, A, B, C, D, bias, hstart, dx, ddelta, dB, dC, partA, partD,
+                       partbias, batch, Di, H, W, P, softplus):
+        """Fused 2-D scan backward, same block layout; shared: x, dy, warp 1's dx buffer. dB/dC
+        by atomics (summed over channels in other blocks)."""
+        smem = cuda.shared.array(0, float32)
+        bc = cuda.blockIdx.x
+        b = bc // Di
+        c = bc % Di
+        L = H * W
+        nrounds = (L + ROUND - 1) // ROUND
+        p = cuda.threadIdx.x
+        while p < L:
+            q = (p // W) * P + p % W
+            smem[q] = x[bc * L + p]
+            smem[H * P + q] = dy[bc * L + p]
+            p += cuda.blockDim.x
+        cuda.syncthreads()
+        warp = cuda.threadIdx.x >> 5
+        for ps in range(2):
+            kdir = warp + 2 * ps
+            ch = kdir * Di + c
+            row = b * 4 * Di + ch
+            off = row * L
+            goff = (b * 4 + kdir) * NSTATE * L
+            hoff = row * nrounds * NSTATE
+            fwd_row(smem, 0, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch], bias[ch], softplus,
+                    dx, 0, 0, False, False, kdir, H, W, hstart, hoff, True, True)
+            syncwarp()
+            if warp == 0:
+                bwd_row(smem, 0, P, smem, H * P, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch],
+                        bias[ch], softplus, kdir, H, W, True, hstart, hoff, dx, bc * L, W, ps == 1,
+                        ddelta, smem, False, dB, dC, 0, dB, dC, True, partA, partD, partbias, row)
+            else:
+                bwd_row(smem, 0, P, smem, H * P, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch],
+                        bias[ch], softplus, kdir, H, W, True, hstart, hoff, smem, 2 * H * P, P,
+                        ps == 1, ddelta, smem, False, dB, dC, 0, dB, dC, True, partA, partD, partbias,
+                        row)
+            syncwarp()
+        cuda.syncthreads()
+        p = cuda.threadIdx.x
+        while p < L:
+            dx[bc * L + p] += smem[2 * H * P + (p // W) * P + p % W]
+            p += cuda.blockDim.x
+
+    ns = {"scan_fwd_naive": cuda.jit(scan_fwd_naive), "scan_fwd_warp": cuda.jit(scan_fwd_warp),
+          "scan_bwd_warp": cuda.jit(scan_bwd_warp), "ss2d_fwd_fused": cuda.jit(ss2d_fwd_fused),
+          "ss2d_bwd_fused": cuda.jit(ss2d_bwd_fused),
+          "py": {"scan_fwd_naive": scan_fwd_naive, "scan_fwd_warp": scan_fwd_warp,
+                 "scan_bwd_warp": scan_bwd_warp, "ss2d_fwd_fused": ss2d_fwd_fused,
+                 "ss2d_bwd_fused": ss2d_bwd_fused}}
+    _BUILT[key] = ns
+    return ns
+
+
+# ---------------------------------------------------------------------------------------
+# kernels that do not depend on d_state
+# ---------------------------------------------------------------------------------------
+def _sum_middle_py(inp, out, outer, P, inner):
+    """out[o, i] = sum_p inp[o, p, i], p in order (deterministic)."""
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if idx < outer * inner:
+        o = idx // inner
+        i = idx % inner
+        s = f32(0.0)
+        for p in range(P):
+            s += inp[(o * P + p) * inner + i]
+        out[idx] = s
+
+
+def _fill_py(out, value, n):
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if idx < n:
+        out[idx] = value
+
+
+def _cross_scan_naive_py(x, xs, batch, C, H, W):
+    """Ladder rung "naive": one thread per element; directions 1/3 written H apart."""
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    L = H * W
+    if idx < batch * C * L:
+        p = idx % L
+        bc = idx // L
+        b = bc // C
+        c = bc % C
+        h = p // W
+        w = p % W
+        v = x[idx]
+        plane = C * L
+        o = b * 4 * plane + c * L
+        xs[o + p] = v
+        xs[o + plane + w * H + h] = v
+        xs[o + 2 * plane + L - 1 - p] = v
+        xs[o + 3 * plane + L - 1 - (w * H + h)] = v
+
+
+def _cross_scan_tiled_py(x, xs, batch, C, H, W):
+    """Ladder rung "tiled": a 32x32 shared tile so the transposed directions are coalesced.
+    Block (32, 8), grid (ceil(W/32), ceil(H/32), batch*C)."""
+    tile = cuda.shared.array((32, 33), float32)
+    L = H * W
+    bc = cuda.blockIdx.z
+    b = bc // C
+    c = bc % C
+    h0 = cuda.blockIdx.y * 32
+    w0 = cuda.blockIdx.x * 32
+    tx = cuda.threadIdx.x
+    plane = C * L
+    o = b * 4 * plane + c * L
+    i = cuda.threadIdx.y
+    while i < 32:
+        h = h0 + i
+        w = w0 + tx
+        if h < H and w < W:
+            v = x[bc * L + h * W + w]
+            tile[i, tx] = v
+            xs[o + h * W + w] = v
+            xs[o + 2 * plane + L - 1 - (h * W + w)] = v
+        i += 8
+    cuda.syncthreads()
+    i = cuda.threadIdx.y
+    while i < 32:
+        w = w0 + i
+        h = h0 + tx
+        if h < H and w < W:
+            v = tile[tx, i]
+            xs[o + plane + w * H + h] = v
+            xs[o + 3 * plane + L - 1 - (w * H + h)] = v
+        i += 8
+
+
+def _cross_merge_naive_py(ys, y, batch, C, H, W):
+    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    L = H * W
+    if idx < batch * C * L:
+        p = idx % L
+        bc = idx // L
+        b = bc // C
+        c = bc % C
+        h = p // W
+        w = p % W
+        plane = C * L
+        o = b * 4 * plane + c * L
+        q = w * H + h
+        y[idx] = ys[o + p] + ys[o + plane + q] + ys[o + 2 * plane + L - 1 - p] + ys[o + 3 * plane + L - 1 - q]
+
+
+def _cross_merge_tiled_py(ys, y, batch, C, H, W):
+    tile = cuda.shared.array((32, 33), float32)
+    L = H * W
+    bc = cuda.blockIdx.z
+    b = bc // C
+    c = bc % C
+    h0 = cuda.blockIdx.y * 32
+    w0 = cuda.blockIdx.x * 32
+    tx = cuda.threadIdx.x
+    plane = C * L
+    o = b * 4 * plane + c * L
+    i = cuda.threadIdx.y
+    while i < 32:
+        w = w0 + i
+        h = h0 + tx
+        if h < H and w < W:
+            q = w * H + h
+            tile[tx, i] = ys[o + plane + q] + ys[o + 3 * plane + L - 1 - q]
+        i += 8
+    cuda.syncthreads()
+    i = cuda.threadIdx.y
+    while i < 32:
+        h = h0 + i
+        w = w0 + tx
+        if h < H and w < W:
+            p = h * W + w
+            y[bc * L + p] = (ys[o + p] + ys[o + 2 * plane + L - 1 - p]) + tile[i, tx]
+        i += 8
+
+
+_sum_middle = cuda.jit(_sum_middle_py)
+_fill = cuda.jit(_fill_py)
+_cross_scan_naive = cuda.jit(_cross_scan_naive_py)
+_cross_scan_tiled = cuda.jit(_cross_scan_tiled_py)
+_cross_merge_naive = cuda.jit(_cross_merge_naive_py)
+_cross_merge_tiled = cuda.jit(_cross_merge_tiled_py)
+
+# ---------------------------------------------------------------------------------------
+# what tests/compile_checks.py compiles for sm_90 (name, python function, signature)
+# ---------------------------------------------------------------------------------------
+_A = "float32[::1]"
+_I = "int32"
+
+
+def _sig(n_arrays, n_ints):
+    return "void(" + ", ".join([_A] * n_arrays + [_I] * n_ints) + ")"
+
+
+PTX_KERNELS = [
+    ("sum_middle", _sum_middle_py, _sig(2, 3)),
+    ("fill", _fill_py, "void(float32[::1], float32, int32)"),
+    ("cross_scan_naive", _cross_scan_naive_py, _sig(2, 4)),
+    ("cross_scan_tiled", _cross_scan_tiled_py, _sig(2, 4)),
+    ("cross_merge_naive", _cross_merge_naive_py, _sig(2, 4)),
+    ("cross_merge_tiled", _cross_merge_tiled_py, _sig(2, 4)),
+]
+for _n, _ch in ((1, FWD_CHUNKS), (2, BWD_CHUNKS), (1, FUSED_CHUNKS)):
+    _py = _build(_n, _ch)["py"]
+    PTX_KERNELS += [
+        (f"scan_fwd_naive_N{_n}", _py["scan_fwd_naive"], _sig(8, 5)),
+        (f"scan_fwd_warp_N{_n}_C{_ch}", _py["scan_fwd_warp"], _sig(8, 5)),
+        (f"scan_bwd_warp_N{_n}_C{_ch}", _py["scan_bwd_warp"], _sig(16, 5)),
+        (f"ss2d_fwd_fused_N{_n}_C{_ch}", _py["ss2d_fwd_fused"], _sig(8, 6)),
+        (f"ss2d_bwd_fused_N{_n}_C{_ch}", _py["ss2d_bwd_fused"], _sig(16, 6)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------
+def _flat(x):
+    """A flat float32 device view of x (Numba device array or __cuda_array_interface__)."""
+    if not (hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")):
+        raise TypeError(f"backend 'numba_cuda' needs device arrays (__cuda_array_interface__), got "
+                        f"{type(x).__name__}; move the data with numba.cuda.to_device or cupy.asarray")
+    a = x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
+    if not a.is_c_contiguous():
+        raise ValueError("backend 'numba_cuda' needs C-contiguous arrays")
+    return a.reshape(a.size)
+
+
+def _empty(shape):
+    n = int(np.prod(shape))
+    out = cuda.device_array(n, np.float32)
+    if poisoning():
+        _fill[(n + 255) // 256, 256](out, f32(np.nan), np.int32(n))
+    return out
+
+
+def _zeros(n):
+    out = cuda.device_array(n, np.float32)
+    _fill[(n + 255) // 256, 256](out, f32(0.0), np.int32(n))
+    return out
+
+
+def _or_zeros(v, n):
+    return _zeros(n) if v is None else _flat(v)
+
+
+def _wrap(flat, shape, like):
+    """Reshape a flat output; hand back CuPy when the caller gave CuPy."""
+    out = flat.reshape(shape)
+    if type(like).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy.asarray(out)
+    return out
+
+
+def _i(v):
+    return np.int32(v)
+
+
+def _sum(part, outer, P, inner):
+    out = _empty((outer * inner,))
+    _sum_middle[(outer * inner + 255) // 256, 256](part, out, _i(outer), _i(P), _i(inner))
+    return out
+
+
+def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    batch, KD, L, K, N, _ = scan_shapes(u, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
+                                        backend="numba_cuda")
+    args = (_flat(u), _flat(delta), _flat(A), _flat(B), _flat(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD))
+    y = _empty((batch, KD, L))
+    rows = batch * KD
+    tail = (_i(batch), _i(KD), _i(L), _i(K), _i(bool(delta_softplus)))
+    if version == "naive":
+        _build(N, FWD_CHUNKS)["scan_fwd_naive"][(rows + 63) // 64, 64](*args, y, *tail)
+    else:
+        _build(N, FWD_CHUNKS)["scan_fwd_warp"][(rows + FWD_WARPS - 1) // FWD_WARPS, 32 * FWD_WARPS](
+            *args, y, *tail)
+    return (_wrap(y, (batch, KD, L), u),
+            scan_cache(u, delta, A, B, C, D, delta_bias, delta_softplus, (batch, KD, L, K, N)))
+
+
+def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Ladder rung "naive": one thread per (batch, channel) row (uncoalesced loads)."""
+    return _scan_fwd("naive", u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Selective scan forward, one warp per row with a warp-shuffle scan (default). Returns
+    ``(y, cache)``; see :func:`sparx_ref.ref.scan.selective_scan_fwd`."""
+    return _scan_fwd("warp", u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_bwd(dy, cache):
+    """Backward of :func:`selective_scan_fwd`: dict keyed u, delta, A, B, C, D, delta_bias."""
+    batch, KD, L, K, N = cache["shape"]
+    check_dy("dy", dy, (batch, KD, L), np.float32)
+    Dg = KD // K
+    nblk = (Dg + BWD_WARPS - 1) // BWD_WARPS
+    nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
+    D, bias = cache["D"], cache["delta_bias"]
+    hstart = cuda.device_array(batch * KD * nrounds * N, np.float32)
+    du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
+    partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
+    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    shared = BWD_WARPS * 2 * BWD_CHUNKS * 32 * N * 4
+    _build(N, BWD_CHUNKS)["scan_bwd_warp"][(nblk, K, batch), 32 * BWD_WARPS, 0, shared](
+        _flat(cache["u"]), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]), _flat(cache["C"]),
+        _or_zeros(D, KD), _or_zeros(bias, KD), _flat(dy), hstart, du, ddelta, partB, partC, partA, partD,
+        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])))
+    like = cache["u"]
+    return {"u": _wrap(du, (batch, KD, L), like), "delta": _wrap(ddelta, (batch, KD, L), like),
+            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
+            "B": _wrap(_sum(partB, batch * K, nblk, N * L), (batch, K, N, L), like),
+            "C": _wrap(_sum(partC, batch * K, nblk, N * L), (batch, K, N, L), like),
+            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
+            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
+
+
+def _check_map(x):
+    if not hasattr(x, "shape") or len(x.shape) != 4:
+        raise ValueError(f"x must have 4 dimensions (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+    check_dtype(x.dtype, (np.float32,), "numba_cuda")
+    return tuple(int(s) for s in x.shape)
+
+
+def _launch_2d(naive, tiled, src, dst, batch, C, H, W, version):
+    if version == "tiled" and batch * C <= 65535:
+        tiled[((W + 31) // 32, (H + 31) // 32, batch * C), (32, 8)](src, dst, _i(batch), _i(C), _i(H), _i(W))
+    else:
+        total = batch * C * H * W
+        naive[(total + 255) // 256, 256](src, dst, _i(batch), _i(C), _i(H), _i(W))
+
+
+def _cross_scan(x, version):
+    batch, C, H, W = _check_map(x)
+    xs = _empty((batch, K_DIRECTIONS, C, H * W))
+    _launch_2d(_cross_scan_naive, _cross_scan_tiled, _flat(x), xs, batch, C, H, W, version)
+    return _wrap(xs, (batch, K_DIRECTIONS, C, H * W), x)
+
+
+def _cross_merge(ys, H, W, version):
+    batch, C, H, W = check_merge_shapes(ys, H, W)
+    check_dtype(ys.dtype, (np.float32,), "numba_cuda")
+    y = _empty((batch, C, H, W))
+    _launch_2d(_cross_merge_naive, _cross_merge_tiled, _flat(ys), y, batch, C, H, W, version)
+    return _wrap(y, (batch, C, H, W), ys)
+
+
+def cross_scan_naive(x):
+    """Ladder rung "naive": one thread per element; directions 1/3 written uncoalesced."""
+    return _cross_scan(x, "naive")
+
+
+def cross_scan(x):
+    """``x (B, C, H, W)`` -> ``(B, 4, C, H*W)`` through 32x32 shared tiles (default)."""
+    return _cross_scan(x, "tiled")
+
+
+def cross_merge_naive(ys, H, W):
+    """Ladder rung "naive": one thread per output element; directions 1/3 read uncoalesced."""
+    return _cross_merge(ys, H, W, "naive")
+
+
+def cross_merge(ys, H, W):
+    """``ys (B, 4, C, H*W)`` -> ``(B, C, H, W)`` through 32x32 shared tiles (default)."""
+    return _cross_merge(ys, H, W, "tiled")
+
+
+def _pitch(W):
+    return W | 1
+
+
+def ss2d_scan_fwd_composed(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Ladder rung "composed": cross_scan, selective_scan_fwd, cross_merge kernels in turn."""
+    batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
+                                        backend="numba_cuda")
+    xs = cross_scan(x).reshape(batch, K_DIRECTIONS * Di, H * W)
+    ys, _ = selective_scan_fwd(xs, delta, A, B, C, D, delta_bias, delta_softplus)
+    y = cross_merge(ys.reshape(batch, K_DIRECTIONS, Di, H * W), H, W)
+    return y, scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N))
+
+
+def ss2d_scan_bwd_composed(dy, cache):
+    """Ladder rung "composed" of the backward: cross_scan(dy), the scan backward, cross_merge."""
+    batch, Di, H, W, N = cache["shape"]
+    check_dy("dy", dy, (batch, Di, H, W), np.float32)
+    KD, L = K_DIRECTIONS * Di, H * W
+    xs = cross_scan(cache["u"]).reshape(batch, KD, L)
+    sc = scan_cache(xs, cache["delta"], cache["A"], cache["B"], cache["C"], cache["D"],
+                    cache["delta_bias"], cache["delta_softplus"], (batch, KD, L, K_DIRECTIONS, N))
+    g = selective_scan_bwd(cross_scan(dy).reshape(batch, KD, L), sc)
+    dxs = g.pop("u")
+    return {"x": cross_merge(dxs.reshape(batch, K_DIRECTIONS, Di, L), H, W), **g}
+
+
+def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Fused 2-D scan forward (default); the composed version when the map does not fit in
+    48 KB of shared memory. Returns ``(y, cache)``; see :func:`sparx_ref.ref.ss2d.ss2d_scan_fwd`."""
+    batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
+                                        backend="numba_cuda")
+    P = _pitch(W)
+    shared = 2 * H * P * 4
+    if shared > SHARED_LIMIT:
+        return ss2d_scan_fwd_composed(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    KD = K_DIRECTIONS * Di
+    y = _empty((batch, Di, H, W))
+    _build(N, FUSED_CHUNKS)["ss2d_fwd_fused"][batch * Di, 64, 0, shared](
+        _flat(x), _flat(delta), _flat(A), _flat(B), _flat(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
+        _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(delta_softplus)))
+    return (_wrap(y, (batch, Di, H, W), x),
+            scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N)))
+
+
+def ss2d_scan_bwd(dy, cache):
+    """Fused 2-D scan backward (default): dict keyed x, delta, A, B, C, D, delta_bias.
+    dx, ddelta deterministic; dB/dC summed with atomics (their low bits may vary)."""
+    batch, Di, H, W, N = cache["shape"]
+    check_dy("dy", dy, (batch, Di, H, W), np.float32)
+    P = _pitch(W)
+    shared = 3 * H * P * 4
+    if shared > SHARED_LIMIT:
+        return ss2d_scan_bwd_composed(dy, cache)
+    KD, L = K_DIRECTIONS * Di, H * W
+    nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
+    D, bias = cache["D"], cache["delta_bias"]
+    hstart = cuda.device_array(batch * KD * nrounds * N, np.float32)
+    dx, ddelta = _empty((batch, Di, H, W)), _empty((batch, KD, L))
+    dB, dC = _zeros(batch * K_DIRECTIONS * N * L), _zeros(batch * K_DIRECTIONS * N * L)
+    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    _build(N, BWD_CHUNKS)["ss2d_bwd_fused"][batch * Di, 64, 0, shared](
+        _flat(cache["u"]), _flat(dy), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]),
+        _flat(cache["C"]), _or_zeros(D, KD), _or_zeros(bias, KD), hstart, dx, ddelta, dB, dC, partA, partD,
+        partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"])))
+    like = cache["u"]
+    return {"x": _wrap(dx, (batch, Di, H, W), like), "delta": _wrap(ddelta, (batch, KD, L), like),
+            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
+            "B": _wrap(dB, (batch, K_DIRECTIONS, N, L), like), "C": _wrap(dC, (batch, K_DIRECTIONS, N, L), like),
+            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
+            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
