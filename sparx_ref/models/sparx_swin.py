@@ -42,6 +42,7 @@ from .wiring import STAGE_INPUT, ganglion_plan, source_name
 
 SPARX_SWIN_NAMES = ("sparx_swin", "sparx_swin_t", "sparx_swin_s", "sparx_swin_b")
 DENSE_KEYS = ("dense_step", "dense_start", "max_dense_depth", "cross_stage")
+DMCA_RECORDED = ("attn", "d_proj", "in_proj_padded")   # recorded per ganglion block, in this order
 
 
 def resolve_config(name: str, overrides: dict) -> dict:
@@ -66,7 +67,8 @@ def resolve_config(name: str, overrides: dict) -> dict:
             raise TypeError(f"dense_config: unknown key(s) {unknown}; accepted: {list(DENSE_KEYS)}")
         dense.update(copy.deepcopy(dict(dense_override)))
     num_stages = len(cfg["depths"])
-    dense.setdefault("cross_stage", [False] * num_stages)
+    if "cross_stage" not in dense or (not any(dense["cross_stage"]) and "cross_stage" not in (dense_override or {})):
+        dense["cross_stage"] = [False] * num_stages   # all False (released), sized to the stages
     cfg["dense_config"] = dense
     sr = cfg["sr_ratio"]
     if isinstance(sr, (int, np.integer)):
@@ -125,8 +127,8 @@ class SparXSwinBlock(swin.SwinTransformerBlock):
     def forward(self, x, shortcut=None, rec=None, name=""):
         out = super().forward(x, shortcut, rec, name)
         if rec is not None and self.plan.ganglion:
-            for key, value in self.dmca.recorded.items():
-                rec[f"{name}.dmca.{key}"] = value
+            for key in DMCA_RECORDED:
+                rec[f"{name}.dmca.{key}"] = self.dmca.recorded[key]
         return out
 
 

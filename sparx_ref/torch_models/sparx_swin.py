@@ -61,8 +61,8 @@ class SparXSwinBlock(swin.SwinTransformerBlock):
             self.dmca.record = rec is not None
         out = super().forward(x, shortcut, rec, name)
         if rec is not None and self.plan.ganglion:
-            for key, value in self.dmca.extras.items():
-                rec[f"{name}.dmca.{key}"] = value
+            for key in np_sparx_swin.DMCA_RECORDED:
+                rec[f"{name}.dmca.{key}"] = self.dmca.extras[key]
         return out
 
 
