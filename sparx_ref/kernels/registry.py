@@ -42,16 +42,64 @@ class Entry:
 # ---------------------------------------------------------------------------------------
 _TABLE: list[Entry] = [
     # --- scan kernels (issue: scan kernels) -------------------------------------------
-    # rows added by sparx_ref/kernels/*/scan.py work
+    *[Entry(op, "numba_cpu", "rowwise", f"sparx_ref.kernels.numba_cpu.scan:{op}", True, idea)
+      for op, idea in (
+          ("selective_scan_fwd", "one thread walks one (batch, channel) row; rows in parallel; "
+                                 "float32 gates computed SIMD-vectorised T steps at a time"),
+          ("selective_scan_bwd", "forward states per row, then the adjoint recurrence backwards; "
+                                 "a thread owns a (batch, group) so dB/dC need no atomics"),
+          ("cross_scan", "one thread per (batch, channel) writes the four reading orders"),
+          ("cross_merge", "one thread per (batch, channel) adds the four directions in order"),
+          ("ss2d_scan_fwd", "fused: a thread scans the map in all four directions and adds "
+                            "into y (no cross-scan copy)"),
+          ("ss2d_scan_bwd", "fused: reads x and dy in each direction; per-direction dx planes "
+                            "added in a fixed order"))],
+    *[row for backend in ("numba_cuda", "cupy") for row in (
+        Entry("selective_scan_fwd", backend, "naive",
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd_naive", False,
+              "one thread per row walking L: neighbouring threads read addresses L apart (uncoalesced)"),
+        Entry("selective_scan_fwd", backend, "warp",
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd", True,
+              "one warp per row, lanes = consecutive steps (coalesced); warp-shuffle scan of "
+              "(a, b) pairs per 32 steps, the state carried between chunks"),
+        Entry("selective_scan_bwd", backend, "warp",
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_bwd", True,
+              "recompute the forward per round from stored round-entry states, reverse warp "
+              "scan of the adjoint; dB/dC summed over the block's channels in shared memory"),
+        Entry("cross_scan", backend, "naive", f"sparx_ref.kernels.{backend}.scan:cross_scan_naive",
+              False, "one thread per element writes its four copies (transposed ones uncoalesced)"),
+        Entry("cross_scan", backend, "tiled", f"sparx_ref.kernels.{backend}.scan:cross_scan", True,
+              "32x32 tile through shared memory: every read and write coalesced"),
+        Entry("cross_merge", backend, "naive", f"sparx_ref.kernels.{backend}.scan:cross_merge_naive",
+              False, "one thread per output element reads its four sources"),
+        Entry("cross_merge", backend, "tiled", f"sparx_ref.kernels.{backend}.scan:cross_merge", True,
+              "32x32 tile through shared memory for the transposed directions"),
+        Entry("ss2d_scan_fwd", backend, "composed",
+              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd_composed", False,
+              "cross_scan + selective scan + cross_merge kernels: three passes through memory"),
+        Entry("ss2d_scan_fwd", backend, "fused", f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd",
+              True, "one block per (batch, channel): the map read once into shared memory, four "
+                    "directions scanned from there, y written once in a fixed order"),
+        Entry("ss2d_scan_bwd", backend, "composed",
+              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_bwd_composed", False,
+              "cross_scan(dy) + scan backward + cross_merge(du)"),
+        Entry("ss2d_scan_bwd", backend, "fused", f"sparx_ref.kernels.{backend}.scan:ss2d_scan_bwd",
+              True, "x and dy maps in shared memory, four directions, dx written once; dB/dC by "
+                    "atomics over channels"),
+    )],
     # --- attention kernels (issue: attention kernels) ---------------------------------
     Entry("window_attention_fwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element, intermediates in device memory"),
     Entry("window_attention_fwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_fused", True,
           "one block per (window, head): N x N scores in shared memory, fused bias+mask+softmax+P v, 4x4 register tiles"),
+    Entry("window_attention_fwd", "numba_cuda", "static", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_static", False,
+          "the fused kernel compiled per (N, hd): constant loop bounds unrolled, score tiles in registers"),
     Entry("window_attention_bwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_naive", False,
           "explicit backward: one thread per gradient element, dS through device memory, dbias by a column sum"),
     Entry("window_attention_bwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_fused", True,
           "one block per (head, window set): P and dS in shared memory, dbias in per-block slabs (no atomics)"),
+    Entry("window_attention_bwd", "numba_cuda", "static", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_static", False,
+          "the fused backward compiled per (N, hd): unrolled, bias-gradient shares in registers across windows"),
     Entry("dmca_attention_fwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:dmca_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element"),
     Entry("dmca_attention_fwd", "numba_cuda", "tiled", "sparx_ref.kernels.numba_cuda.attention:dmca_attention_fwd_tiled", True,
@@ -64,10 +112,14 @@ _TABLE: list[Entry] = [
           "explicit form: one thread per score / softmax row / output element, intermediates in device memory"),
     Entry("window_attention_fwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_fwd_fused", True,
           "one block per (window, head): N x N scores in shared memory, fused bias+mask+softmax+P v, 4x4 register tiles"),
+    Entry("window_attention_fwd", "cupy", "static", "sparx_ref.kernels.cupy.attention:window_attention_fwd_static", False,
+          "the fused kernel compiled per (N, hd): constant loop bounds unrolled, score tiles in registers"),
     Entry("window_attention_bwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:window_attention_bwd_naive", False,
           "explicit backward: one thread per gradient element, dS through device memory, dbias by a column sum"),
     Entry("window_attention_bwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_bwd_fused", True,
           "one block per (head, window set): P and dS in shared memory, dbias in per-block slabs (no atomics)"),
+    Entry("window_attention_bwd", "cupy", "static", "sparx_ref.kernels.cupy.attention:window_attention_bwd_static", False,
+          "the fused backward compiled per (N, hd): unrolled, bias-gradient shares in registers across windows"),
     Entry("dmca_attention_fwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:dmca_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element"),
     Entry("dmca_attention_fwd", "cupy", "tiled", "sparx_ref.kernels.cupy.attention:dmca_attention_fwd_tiled", True,

@@ -34,7 +34,7 @@ def _empty(shape, dtype):
 # ---------------------------------------------------------------------------------------
 # row kernels (one thread, one sequence)
 # ---------------------------------------------------------------------------------------
-@njit(inline="always", cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _pos(kdir, t, H, W):
     """Map index (h*W + w) read at scan index t by direction kdir (0 row-major, 1 column-major,
     2 and 3 the same reversed). The plain scan uses kdir=0, H=1, W=L: the identity."""
@@ -45,18 +45,18 @@ def _pos(kdir, t, H, W):
     return s
 
 
-@njit(inline="always", error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _softplus(z):
     # PyTorch's softplus: identity above the threshold 20
     return z if z > 20.0 else math.log1p(math.exp(z))
 
 
-@njit(inline="always", error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _dsoftplus(z):
     return 1.0 if z > 20.0 else 1.0 / (1.0 + math.exp(-z))
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _fwd_row(u, kdir, H, W, delta, A_c, B_g, C_g, D_c, bias, softplus, y, accumulate, h):
     """Scan one sequence. u, y: 1-D maps (read/written at _pos); delta: 1-D in scan order;
     A_c (N,), B_g, C_g (N, L) scan order; h (N,) scratch state. y[pos] = or += y_t."""
@@ -79,7 +79,7 @@ def _fwd_row(u, kdir, H, W, delta, A_c, B_g, C_g, D_c, bias, softplus, y, accumu
             y[p] = yt
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bwd_row(u, dy, kdir, H, W, delta, A_c, B_g, C_g, D_c, bias, softplus,
              du, du_accumulate, ddelta, dB_g, dC_g, dA_c, hs, g):
     """Backward of _fwd_row for one sequence. Writes du (at _pos; = or +=) and ddelta (scan
@@ -143,7 +143,7 @@ _F = np.float32
 _EXP_C = tuple(_F(1.0 / math.factorial(i)) for i in range(8))
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _exp_block(x, out, k, m):
     """out[:m] = exp(x[:m]) for float32 buffers, written so LLVM vectorises it (libm's expf is
     a scalar call): exp(x) = 2^j * p(r), r = x - j ln2 in [-ln2/2, ln2/2], p the degree-7 Taylor
@@ -161,7 +161,7 @@ def _exp_block(x, out, k, m):
         bits[i] += k[i] << 23
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _softplus_block(z, tmp, e, k, dt, m):
     """dt[:m] = softplus(z[:m]) = max(z, 0) + log1p(exp(-|z|)), vectorisable: log1p(e) for e in
     (0, 1] as 2 atanh(e / (2 + e)) (series to s^15, error < 1e-9). For z > 20 this is z to
@@ -178,7 +178,7 @@ def _softplus_block(z, tmp, e, k, dt, m):
         dt[i] = max(z[i], _F(0.0)) + _F(2.0) * s * series
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _fwd_row_f32(u, kdir, H, W, delta, A_c, B_g, C_g, D_c, bias, softplus, y, accumulate, h,
                  zb, dtb, eb, kb, gate):
     """_fwd_row for float32: gates for T steps at a time with _exp_block, then the recurrence.
@@ -233,7 +233,7 @@ def _fwd_row_f32(u, kdir, H, W, delta, A_c, B_g, C_g, D_c, bias, softplus, y, ac
 # ---------------------------------------------------------------------------------------
 # selective scan
 # ---------------------------------------------------------------------------------------
-@njit(parallel=True, cache=False, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _scan_fwd_kernel(u, delta, A, B, C, D, bias, softplus, y, fast):
     batch, KD, L = u.shape
     K, N = B.shape[1], B.shape[2]
@@ -254,7 +254,7 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, bias, softplus, y, fast):
                      softplus, y[b, c], False, h)
 
 
-@njit(parallel=True, cache=False, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd_kernel(u, delta, A, B, C, D, bias, softplus, dy, du, ddelta, dA_part, dB, dC, dD_part,
                      dbias_part):
     batch, KD, L = u.shape
@@ -316,7 +316,7 @@ def selective_scan_bwd(dy, cache):
 # ---------------------------------------------------------------------------------------
 # cross scan / cross merge
 # ---------------------------------------------------------------------------------------
-@njit(parallel=True, cache=False, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _cross_scan_kernel(x, xs):
     batch, C, H, W = x.shape
     L = H * W
@@ -331,7 +331,7 @@ def _cross_scan_kernel(x, xs):
                 xs[b, 3, c, L - 1 - (w * H + h)] = v
 
 
-@njit(parallel=True, cache=False, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _cross_merge_kernel(ys, y):
     batch, C, H, W = y.shape
     L = H * W
@@ -368,7 +368,7 @@ def cross_merge(ys, H, W):
 # ---------------------------------------------------------------------------------------
 # fused 2-D scan
 # ---------------------------------------------------------------------------------------
-@njit(parallel=True, cache=False, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _ss2d_fwd_kernel(x, delta, A, B, C, D, bias, softplus, y, fast):
     batch, Di, H, W = x.shape
     N = A.shape[1]
@@ -392,7 +392,7 @@ def _ss2d_fwd_kernel(x, delta, A, B, C, D, bias, softplus, y, fast):
                          ym, k > 0, h)
 
 
-@njit(parallel=True, cache=False, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _ss2d_bwd_kernel(x, delta, A, B, C, D, bias, softplus, dy, dxs, ddelta, dA_part, dB, dC, dD_part,
                      dbias_part):
     batch, Di, H, W = x.shape
@@ -413,7 +413,7 @@ def _ss2d_bwd_kernel(x, delta, A, B, C, D, bias, softplus, dy, dxs, ddelta, dA_p
                 dC[b, k], dA_part[b, ch], hs, g)
 
 
-@njit(parallel=True, cache=False, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _sum_directions(dxs, dx):
     batch, K, Di, L = dxs.shape
     for r in prange(batch * Di):

@@ -71,42 +71,44 @@ if not SIMULATOR:
     def shfl_down2(a, b, off):
         return cuda.shfl_down_sync(FULL_MASK, a, off), cuda.shfl_down_sync(FULL_MASK, b, off)
 else:  # pragma: no cover - exercised by the simulator tests
-    def _exchange(v):
-        buf = cuda.shared.array(1024, float32)
-        tid = cuda.threadIdx.x + cuda.blockDim.x * cuda.threadIdx.y
-        cuda.syncthreads()
-        buf[tid] = v
-        cuda.syncthreads()
-        return buf, tid
+    import threading
 
-    def shfl_up(v, off):
-        buf, tid = _exchange(v)
-        return buf[tid - off] if (tid & 31) >= off else v
-
-    def shfl_down(v, off):
-        buf, tid = _exchange(v)
-        return buf[tid + off] if (tid & 31) + off < 32 else v
-
-    def shfl_idx(v, src):
-        buf, tid = _exchange(v)
-        return buf[(tid & ~31) + src]
-
-    def shfl_xor(v, mask):
-        buf, tid = _exchange(v)
-        return buf[(tid & ~31) + ((tid & 31) ^ mask)]
-
-    def syncwarp():
-        cuda.syncthreads()
+    _PARITY = threading.local()     # simulated threads are Python threads
 
     def _exchange2(a, b):
-        buf_a = cuda.shared.array(1024, float32)
-        buf_b = cuda.shared.array(1024, float32)
+        """Publish (a, b) to the block; one barrier per exchange: two buffers used in turn, so
+        exchange k+2 cannot overwrite what a slow thread still reads from exchange k."""
+        buf_a0 = cuda.shared.array(1024, float32)
+        buf_a1 = cuda.shared.array(1024, float32)
+        buf_b0 = cuda.shared.array(1024, float32)
+        buf_b1 = cuda.shared.array(1024, float32)
+        par = getattr(_PARITY, "p", 0)
+        _PARITY.p = 1 - par
+        buf_a, buf_b = (buf_a0, buf_b0) if par == 0 else (buf_a1, buf_b1)
         tid = cuda.threadIdx.x + cuda.blockDim.x * cuda.threadIdx.y
-        cuda.syncthreads()
         buf_a[tid] = a
         buf_b[tid] = b
         cuda.syncthreads()
         return buf_a, buf_b, tid
+
+    def shfl_up(v, off):
+        buf, _, tid = _exchange2(v, v)
+        return buf[tid - off] if (tid & 31) >= off else v
+
+    def shfl_down(v, off):
+        buf, _, tid = _exchange2(v, v)
+        return buf[tid + off] if (tid & 31) + off < 32 else v
+
+    def shfl_idx(v, src):
+        buf, _, tid = _exchange2(v, v)
+        return buf[(tid & ~31) + src]
+
+    def shfl_xor(v, mask):
+        buf, _, tid = _exchange2(v, v)
+        return buf[(tid & ~31) + ((tid & 31) ^ mask)]
+
+    def syncwarp():
+        cuda.syncthreads()
 
     def shfl_up2(a, b, off):
         buf_a, buf_b, tid = _exchange2(a, b)

@@ -1,0 +1,339 @@
+"""Every registered scan kernel (each backend, each version) against its reference op.
+
+Inputs are float32; the reference runs in float64 on the same float32 values, so the error
+measured is the kernel's own (tolerance("float32", "kernel")). Every output buffer starts as
+NaN (``poison_outputs``): an element a kernel forgets to write fails the comparison.
+
+- numba_cpu, and numba_cuda / cupy on a real GPU: hypothesis-drawn shapes (odd and non-square
+  maps, L not a multiple of any block size, N = 1 and N > 1, gates near 1, softplus above its
+  threshold, L = 1, batch 1).
+- numba_cuda under the CUDA simulator (CI): a few tiny fixed cases (the simulator runs every
+  thread as a Python thread), still covering several 32-step rounds, idle warps, L = 1 and 1x1
+  maps.
+- cupy without a GPU: skipped with the reason.
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparx_ref import kernels
+from sparx_ref.kernels._scan_common import poison_outputs
+from sparx_ref.ref import scan as ref_scan
+from sparx_ref.ref import ss2d as ref_ss2d
+from sparx_ref.testing import assert_all_close, assert_close
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------------------
+# backends: moving arrays there and back
+# ---------------------------------------------------------------------------------------
+def _skip_if_missing(backend):
+    missing = kernels.runtime_missing(backend)
+    if missing:
+        pytest.skip(missing)
+
+
+def to_backend(backend, a):
+    if a is None or backend == "numba_cpu":
+        return a
+    a = np.ascontiguousarray(a)
+    if backend == "numba_cuda":
+        from numba import cuda
+        return cuda.to_device(a)
+    import cupy
+    return cupy.asarray(a)
+
+
+def on_simulator(backend):
+    return backend == "numba_cuda" and SIMULATOR
+
+
+def _rows(*ops):
+    return [pytest.param(e, id=f"{e.op}-{e.backend}-{e.version}")
+            for op in ops for e in kernels.entries(op)]
+
+
+def _kernel(entry):
+    _skip_if_missing(entry.backend)
+    return kernels.get(entry.op, entry.backend, entry.version)
+
+
+# ---------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------
+REGIMES = ("normal", "near_one", "wide")
+
+
+def scan_inputs(rng, batch, KD, L, K, N, regime, has_D, has_bias):
+    """float32 scan inputs. regime: "normal" (softplus of N(0, .5)), "near_one" (tiny delta, no
+    softplus: gates exp(delta A) within 1e-3 of 1, the state sums hundreds of inputs), "wide"
+    (softplus of N(0, 12): many z above the threshold 20, gates near 0)."""
+    u = rng.standard_normal((batch, KD, L))
+    if regime == "near_one":
+        delta = rng.uniform(0.0, 1e-3, (batch, KD, L))
+        A = -rng.uniform(0.1, 1.0, (KD, N))
+        softplus = False
+    else:
+        delta = rng.standard_normal((batch, KD, L)) * (0.5 if regime == "normal" else 12.0)
+        A = -np.exp(rng.standard_normal((KD, N)))
+        softplus = True
+    B = rng.standard_normal((batch, K, N, L))
+    C = rng.standard_normal((batch, K, N, L))
+    D = rng.standard_normal(KD) if has_D else None
+    bias = rng.standard_normal(KD) * 0.5 if has_bias else None
+    if regime == "near_one":
+        bias = None
+    cast = (lambda a: None if a is None else a.astype(F32))
+    return [cast(a) for a in (u, delta, A, B, C, D, bias)], softplus
+
+
+def f64(arrays):
+    return [None if a is None else a.astype(np.float64) for a in arrays]
+
+
+# ---------------------------------------------------------------------------------------
+# cases: hypothesis strategies, and the simulator's fixed list
+# ---------------------------------------------------------------------------------------
+def _scan_strategy(gpu):
+    return st.fixed_dictionaries({
+        "batch": st.integers(1, 3 if gpu else 2),
+        "K": st.integers(1, 4 if gpu else 3),
+        "Dg": st.integers(1, 20 if gpu else 3),
+        "N": st.sampled_from([1, 2] if gpu else [1, 2, 3]),
+        "L": st.one_of(st.just(1), st.integers(1, 700 if gpu else 80)),
+        "regime": st.sampled_from(REGIMES),
+        "has_D": st.booleans(), "has_bias": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1)})
+
+
+def _map_strategy(gpu):
+    side = st.integers(1, 40 if gpu else 9)
+    return st.fixed_dictionaries({
+        "batch": st.integers(1, 2), "Di": st.integers(1, 5 if gpu else 3),
+        "H": side, "W": side,
+        "N": st.sampled_from([1, 2] if gpu else [1, 2, 3]),
+        "regime": st.sampled_from(REGIMES),
+        "has_D": st.booleans(), "has_bias": st.booleans(),
+        "seed": st.integers(0, 2**31 - 1)})
+
+
+# simulator: 2-4 blocks of 32-64 threads, 1-2 rounds of 32 steps
+SIM_SCAN_CASES = [
+    dict(batch=1, K=2, Dg=1, N=2, L=45, regime="normal", has_D=True, has_bias=True, seed=1),
+    dict(batch=2, K=1, Dg=3, N=1, L=1, regime="wide", has_D=False, has_bias=True, seed=2),
+    dict(batch=1, K=1, Dg=2, N=1, L=40, regime="near_one", has_D=True, has_bias=False, seed=3),
+]
+SIM_MAP_CASES = [
+    dict(batch=1, Di=2, H=5, W=7, N=1, regime="normal", has_D=True, has_bias=True, seed=4),
+    dict(batch=1, Di=1, H=1, W=1, N=2, regime="wide", has_D=False, has_bias=False, seed=5),
+    dict(batch=1, Di=1, H=4, W=9, N=1, regime="near_one", has_D=True, has_bias=False, seed=6),
+]
+
+
+def run_cases(backend, strategy_fn, sim_cases, check, sim_only=None, examples=None):
+    """check(case) for each case: fixed cases under the simulator (sim_only: a subset of their
+    indices), hypothesis otherwise."""
+    if on_simulator(backend):
+        for i, case in enumerate(sim_cases):
+            if sim_only is None or i in sim_only:
+                check(case)
+        return
+    gpu = backend != "numba_cpu"
+
+    @settings(max_examples=examples or (12 if gpu else 20))
+    @given(case=strategy_fn(gpu))
+    def inner(case):
+        check(case)
+
+    inner()
+
+
+# ---------------------------------------------------------------------------------------
+# selective scan
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", _rows("selective_scan_fwd"))
+def test_selective_scan_fwd_matches_reference(entry):
+    fn = _kernel(entry)
+
+    def check(case):
+        rng = np.random.default_rng(case["seed"])
+        KD = case["K"] * case["Dg"]
+        args, softplus = scan_inputs(rng, case["batch"], KD, case["L"], case["K"], case["N"],
+                                     case["regime"], case["has_D"], case["has_bias"])
+        ref, _ = ref_scan.selective_scan_fwd(*f64(args), delta_softplus=softplus)
+        with poison_outputs():
+            y, _ = fn(*[to_backend(entry.backend, a) for a in args], delta_softplus=softplus)
+        assert_close(y, ref, F32, "kernel", f"{entry.op}/{entry.backend}/{entry.version} {case}")
+
+    run_cases(entry.backend, _scan_strategy, SIM_SCAN_CASES, check)
+
+
+@pytest.mark.parametrize("entry", _rows("selective_scan_bwd"))
+def test_selective_scan_bwd_matches_reference(entry):
+    bwd = _kernel(entry)
+    fwd = kernels.get("selective_scan_fwd", entry.backend)
+
+    def check(case):
+        rng = np.random.default_rng(case["seed"])
+        KD = case["K"] * case["Dg"]
+        args, softplus = scan_inputs(rng, case["batch"], KD, case["L"], case["K"], case["N"],
+                                     case["regime"], case["has_D"], case["has_bias"])
+        y_ref, cache_ref = ref_scan.selective_scan_fwd(*f64(args), delta_softplus=softplus)
+        dy = rng.standard_normal(y_ref.shape).astype(F32)
+        want = ref_scan.selective_scan_bwd(dy.astype(np.float64), cache_ref)
+        with poison_outputs():
+            _, cache = fwd(*[to_backend(entry.backend, a) for a in args], delta_softplus=softplus)
+            got = bwd(to_backend(entry.backend, dy), cache)
+        assert_all_close(got, want, F32, "kernel", prefix=f"{entry.backend}/{entry.version} {case} ")
+
+    run_cases(entry.backend, _scan_strategy, SIM_SCAN_CASES, check, sim_only=(0, 1))
+
+
+def test_numba_cpu_float64_is_exact_to_float64_kernel_tolerance():
+    fwd = kernels.get("selective_scan_fwd", "numba_cpu")
+    bwd = kernels.get("selective_scan_bwd", "numba_cpu")
+    rng = np.random.default_rng(7)
+    args, softplus = scan_inputs(rng, 2, 6, 37, 3, 2, "normal", True, True)
+    args = f64(args)
+    y_ref, cache_ref = ref_scan.selective_scan_fwd(*args, delta_softplus=softplus)
+    dy = rng.standard_normal(y_ref.shape)
+    with poison_outputs():
+        y, cache = fwd(*args, delta_softplus=softplus)
+        got = bwd(dy, cache)
+    assert y.dtype == np.float64
+    assert_close(y, y_ref, np.float64, "kernel", "y")
+    assert_all_close(got, ref_scan.selective_scan_bwd(dy, cache_ref), np.float64, "kernel")
+
+
+# ---------------------------------------------------------------------------------------
+# cross scan / cross merge
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", _rows("cross_scan", "cross_merge"))
+def test_cross_scan_and_merge_match_reference(entry):
+    fn = _kernel(entry)
+
+    def check(case):
+        rng = np.random.default_rng(case["seed"])
+        b, C, H, W = case["batch"], case["Di"], case["H"], case["W"]
+        with poison_outputs():
+            if entry.op == "cross_scan":
+                x = rng.standard_normal((b, C, H, W)).astype(F32)
+                got, want = fn(to_backend(entry.backend, x)), ref_ss2d.cross_scan(x)
+            else:
+                ys = rng.standard_normal((b, 4, C, H * W)).astype(F32)
+                got, want = fn(to_backend(entry.backend, ys), H, W), ref_ss2d.cross_merge(ys.astype(np.float64), H, W)
+        assert_close(got, want, F32, "kernel", f"{entry.op}/{entry.backend}/{entry.version} {case}")
+        if entry.op == "cross_scan":   # a permutation: exact
+            from sparx_ref.testing import _to_numpy
+            assert np.array_equal(_to_numpy(got), want)
+
+    run_cases(entry.backend, _map_strategy, SIM_MAP_CASES, check)
+
+
+def test_cross_scan_tile_edges_on_a_map_larger_than_one_tile():
+    """A 33 x 65 map: partial 32x32 tiles on both axes (GPU tiled kernels; CPU too)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 2, 33, 65)).astype(F32)
+    ys = rng.standard_normal((1, 4, 2, 33 * 65)).astype(F32)
+    for backend in kernels.BACKENDS:
+        if kernels.runtime_missing(backend) or on_simulator(backend):
+            continue     # the simulator's cases already cut partial tiles (maps < 32)
+        with poison_outputs():
+            got = kernels.get("cross_scan", backend)(to_backend(backend, x))
+            merged = kernels.get("cross_merge", backend)(to_backend(backend, ys), 33, 65)
+        assert_close(got, ref_ss2d.cross_scan(x), F32, "kernel", f"cross_scan/{backend}")
+        assert_close(merged, ref_ss2d.cross_merge(ys.astype(np.float64), 33, 65), F32, "kernel",
+                     f"cross_merge/{backend}")
+
+
+# ---------------------------------------------------------------------------------------
+# 2-D scan
+# ---------------------------------------------------------------------------------------
+def map_inputs(case):
+    rng = np.random.default_rng(case["seed"])
+    b, Di, H, W, N = case["batch"], case["Di"], case["H"], case["W"], case["N"]
+    args, softplus = scan_inputs(rng, b, 4 * Di, H * W, 4, N, case["regime"], case["has_D"],
+                                 case["has_bias"])
+    x = rng.standard_normal((b, Di, H, W)).astype(F32)
+    return [x] + args[1:], softplus, rng
+
+
+@pytest.mark.parametrize("entry", _rows("ss2d_scan_fwd"))
+def test_ss2d_scan_fwd_matches_reference(entry):
+    fn = _kernel(entry)
+
+    def check(case):
+        args, softplus, _ = map_inputs(case)
+        ref, _ = ref_ss2d.ss2d_scan_fwd(*f64(args), delta_softplus=softplus)
+        with poison_outputs():
+            y, _ = fn(*[to_backend(entry.backend, a) for a in args], delta_softplus=softplus)
+        assert_close(y, ref, F32, "kernel", f"{entry.op}/{entry.backend}/{entry.version} {case}")
+
+    run_cases(entry.backend, _map_strategy, SIM_MAP_CASES, check,
+              sim_only=None if entry.default else (1,))   # composed = tested pieces: one tiny case
+
+
+@pytest.mark.parametrize("entry", _rows("ss2d_scan_bwd"))
+def test_ss2d_scan_bwd_matches_reference(entry):
+    bwd = _kernel(entry)
+    # the composed backward pairs with its own (composed) forward; the fused with the fused
+    fwd_version = "rowwise" if entry.backend == "numba_cpu" else entry.version
+    fwd = kernels.get("ss2d_scan_fwd", entry.backend, fwd_version)
+
+    def check(case):
+        args, softplus, rng = map_inputs(case)
+        y_ref, cache_ref = ref_ss2d.ss2d_scan_fwd(*f64(args), delta_softplus=softplus)
+        dy = rng.standard_normal(y_ref.shape).astype(F32)
+        want = ref_ss2d.ss2d_scan_bwd(dy.astype(np.float64), cache_ref)
+        with poison_outputs():
+            _, cache = fwd(*[to_backend(entry.backend, a) for a in args], delta_softplus=softplus)
+            got = bwd(to_backend(entry.backend, dy), cache)
+        assert_all_close(got, want, F32, "kernel", prefix=f"{entry.backend}/{entry.version} {case} ")
+
+    run_cases(entry.backend, _map_strategy, SIM_MAP_CASES, check,
+              sim_only=None if entry.default else (1,))   # composed = tested pieces: one tiny case
+
+
+# ---------------------------------------------------------------------------------------
+# input checking
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_gpu_kernels_reject_float64_with_a_clear_typeerror(backend):
+    _skip_if_missing(backend)
+    rng = np.random.default_rng(9)
+    args, _ = scan_inputs(rng, 1, 2, 4, 1, 1, "normal", True, True)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.get("selective_scan_fwd", backend)(*[to_backend(backend, a) for a in f64(args)])
+    with pytest.raises(TypeError, match="float32"):
+        kernels.get("cross_scan", backend)(to_backend(backend, rng.standard_normal((1, 1, 2, 2))))
+
+
+def test_bad_shapes_are_rejected_naming_the_argument():
+    fn = kernels.get("selective_scan_fwd", "numba_cpu")
+    rng = np.random.default_rng(10)
+    args, _ = scan_inputs(rng, 1, 4, 8, 2, 1, "normal", True, True)
+    bad = list(args)
+    bad[1] = bad[1][:, :, :7]
+    with pytest.raises(ValueError, match="delta"):
+        fn(*bad)
+    bad = list(args)
+    bad[3] = np.repeat(bad[3], 3, axis=1)[:, :3]          # K = 3 does not divide KD = 4
+    with pytest.raises(ValueError, match="B"):
+        fn(*bad)
+    bad = list(args)
+    bad[2] = bad[2].astype(np.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        fn(*bad)
+
+
+def test_poisoning_really_fills_outputs_with_nan():
+    """The NaN fill the kernel tests rely on: a kernel that wrote nothing would fail."""
+    from sparx_ref.kernels.numba_cpu import scan as cpu
+    with poison_outputs():
+        buf = cpu._empty((3, 4), F32)
+    assert np.isnan(buf).all()
