@@ -136,28 +136,22 @@ class SparXBasicLayer(swin.BasicLayer):
     """A Swin stage whose blocks are wired by the plan: block ``i``'s shortcut is the list of
     its ``plan.sources`` (the stage input ``x`` and earlier block outputs of this stage)."""
 
-    def make_block(self, stage, cfg, j, drop_path, *, dtype, rng):
-        M, shift = stage["blocks"][j]
-        return SparXSwinBlock(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
-                              cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
-                              cfg["attn_drop_rate"], drop_path, plan=cfg["plan"][self.stage_index][j],
-                              sr_ratio=cfg["sr_ratio"][self.stage_index], dtype=dtype, rng=rng)
+    block_class = SparXSwinBlock
 
-    def forward(self, x, rec=None):
+    def make_block(self, stage, cfg, j, drop_path, *, dtype, rng):
+        return super().make_block(stage, cfg, j, drop_path, dtype=dtype, rng=rng,
+                                  plan=cfg["plan"][self.stage_index][j],
+                                  sr_ratio=cfg["sr_ratio"][self.stage_index])
+
+    def run_blocks(self, x, rec=None):
         outputs = {STAGE_INPUT: x}
         for j, block in enumerate(self.blocks):
             shortcut = [outputs[n] for n in block.plan.sources] if block.plan.ganglion else None
             x = block.forward(x, shortcut, rec, f"layers.{self.stage_index}.blocks.{j}")
             outputs[source_name(self.stage_index, j)] = x
-        if self.downsample is not None:
-            x = self.downsample.forward(x)
-            if rec is not None:
-                rec[f"layers.{self.stage_index}.downsample"] = x
         return x
 
-    def backward(self, dout):
-        if self.downsample is not None:
-            dout = self.downsample.backward(dout)
+    def backward_blocks(self, dout):
         # d_outputs[name]: gradient reaching a source through later ganglion shortcuts
         d_outputs: dict = {}
         blocks = list(self.blocks)

@@ -368,15 +368,29 @@ class BasicLayer(Module):
         else:
             object.__setattr__(self, "downsample", None)
 
-    def make_block(self, stage: dict, cfg: dict, j: int, drop_path: float, *, dtype, rng) -> Module:
-        M, shift = stage["blocks"][j]
-        return SwinTransformerBlock(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
-                                    cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
-                                    cfg["attn_drop_rate"], drop_path, dtype=dtype, rng=rng)
+    block_class = SwinTransformerBlock
 
-    def forward(self, x, rec=None):
+    def make_block(self, stage: dict, cfg: dict, j: int, drop_path: float, *, dtype, rng, **extra) -> Module:
+        """Block ``j`` of this stage (window and shift after the shrink rule); ``extra``
+        keywords go to ``block_class`` (SparX-Swin passes its wiring)."""
+        M, shift = stage["blocks"][j]
+        return self.block_class(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
+                                cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
+                                cfg["attn_drop_rate"], drop_path, dtype=dtype, rng=rng, **extra)
+
+    def run_blocks(self, x, rec=None):
+        """The stage's blocks in sequence (SparX-Swin overrides this with its wiring)."""
         for j, block in enumerate(self.blocks):
             x = block.forward(x, None, rec, f"layers.{self.stage_index}.blocks.{j}")
+        return x
+
+    def backward_blocks(self, dout):
+        for block in reversed(list(self.blocks)):
+            dout, _ = block.backward(dout)
+        return dout
+
+    def forward(self, x, rec=None):
+        x = self.run_blocks(x, rec)
         if self.downsample is not None:
             x = self.downsample.forward(x)
             if rec is not None:
@@ -386,9 +400,7 @@ class BasicLayer(Module):
     def backward(self, dout):
         if self.downsample is not None:
             dout = self.downsample.backward(dout)
-        for block in reversed(list(self.blocks)):
-            dout, _ = block.backward(dout)
-        return dout
+        return self.backward_blocks(dout)
 
 
 class PatchEmbed(Module):

@@ -69,24 +69,19 @@ class SparXSwinBlock(swin.SwinTransformerBlock):
 class SparXBasicLayer(swin.BasicLayer):
     """A Swin stage whose ganglion blocks receive the outputs named by the wiring plan."""
 
-    def make_block(self, stage, cfg, j, drop_path):
-        M, shift = stage["blocks"][j]
-        return SparXSwinBlock(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
-                              cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
-                              cfg["attn_drop_rate"], drop_path, plan=cfg["plan"][self.stage_index][j],
-                              sr_ratio=cfg["sr_ratio"][self.stage_index],
-                              kernel_backend=cfg.get("kernel_backend", "torch"))
+    block_class = SparXSwinBlock
 
-    def forward(self, x, rec=None):
+    def make_block(self, stage, cfg, j, drop_path):
+        return super().make_block(stage, cfg, j, drop_path, plan=cfg["plan"][self.stage_index][j],
+                                  sr_ratio=cfg["sr_ratio"][self.stage_index],
+                                  kernel_backend=cfg.get("kernel_backend", "torch"))
+
+    def run_blocks(self, x, rec=None):
         outputs = {STAGE_INPUT: x}
         for j, block in enumerate(self.blocks):
             shortcut = [outputs[n] for n in block.plan.sources] if block.plan.ganglion else None
             x = block(x, shortcut, rec, f"layers.{self.stage_index}.blocks.{j}")
             outputs[source_name(self.stage_index, j)] = x
-        if self.downsample is not None:
-            x = self.downsample(x)
-            if rec is not None:
-                rec[f"layers.{self.stage_index}.downsample"] = x.detach()
         return x
 
 

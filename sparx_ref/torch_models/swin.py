@@ -219,15 +219,23 @@ class BasicLayer(nn.Module):
                                      for j in range(len(stage["blocks"]))])
         self.downsample = PatchMerging((stage["H"], stage["W"]), stage["dim"]) if stage["downsample"] else None
 
-    def make_block(self, stage: dict, cfg: dict, j: int, drop_path: float) -> nn.Module:
-        M, shift = stage["blocks"][j]
-        return SwinTransformerBlock(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
-                                    cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
-                                    cfg["attn_drop_rate"], drop_path)
+    block_class = SwinTransformerBlock
 
-    def forward(self, x, rec=None):
+    def make_block(self, stage: dict, cfg: dict, j: int, drop_path: float, **extra) -> nn.Module:
+        """Block ``j`` (window and shift after the shrink rule); ``extra`` goes to ``block_class``."""
+        M, shift = stage["blocks"][j]
+        return self.block_class(stage["dim"], (stage["H"], stage["W"]), stage["num_heads"], M, shift,
+                                cfg["mlp_ratio"], cfg["qkv_bias"], cfg["qk_scale"], cfg["drop_rate"],
+                                cfg["attn_drop_rate"], drop_path, **extra)
+
+    def run_blocks(self, x, rec=None):
+        """The stage's blocks in sequence (SparX-Swin overrides this with its wiring)."""
         for j, block in enumerate(self.blocks):
             x = block(x, None, rec, f"layers.{self.stage_index}.blocks.{j}")
+        return x
+
+    def forward(self, x, rec=None):
+        x = self.run_blocks(x, rec)
         if self.downsample is not None:
             x = self.downsample(x)
             if rec is not None:
