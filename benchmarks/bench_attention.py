@@ -288,30 +288,66 @@ def bench_window(floors, sets, reps, sweep):
                  prob, floors, torch_ms)
         r["rel_err_out_vs_f64"] = err
         rows.append(r)
-        if sweep and version == "fused":
-            rows += _sweep_window(backend, kf, kfb, prob, floors, torch_ms, reps)
+        if sweep and version == "static":
+            rows += _sweep_window(backend, version, kf, kfb, prob, floors, torch_ms, reps)
     return prob, rows
 
 
-def _sweep_window(backend, kf, kfb, prob, floors, torch_ms, reps):
-    """Block size / slab count of the fused kernels (module knobs, restored after)."""
+def _sweep_window(backend, version, kf, kfb, prob, floors, torch_ms, reps):
+    """Block size / slab count of the fused or static kernels (module knobs, restored after).
+    Numba's static kernels are compiled per thread count (about 20 s each): only the slab
+    count is swept there."""
     import importlib
     mod = importlib.import_module(f"sparx_ref.kernels.{backend}.attention")
-    tname, pname = ("_FUSED_THREADS", "_NPART_MAX") if backend == "cupy" else ("FUSED_THREADS", "NPART_MAX")
+    if backend == "cupy":
+        tname, pname = ("_STATIC_THREADS" if version == "static" else "_FUSED_THREADS"), "_NPART_MAX"
+        thread_opts = (128, 256)
+    else:
+        tname, pname = ("STATIC_THREADS" if version == "static" else "FUSED_THREADS"), "NPART_MAX"
+        thread_opts = (getattr(mod, tname),)
     t0, p0 = getattr(mod, tname), getattr(mod, pname)
     rows = []
     try:
-        for threads in (64, 128, 256):
-            for npart in (128, 256, 512, 1024):
+        for threads in thread_opts:
+            for npart in (256, 512, 1024):
                 setattr(mod, tname, threads)
                 setattr(mod, pname, npart)
-                r = _row(f"  sweep {backend} fused threads={threads} npart={npart}", median_ms(kf, reps),
+                r = _row(f"  sweep {backend} {version} threads={threads} npart={npart}", median_ms(kf, reps),
                          median_ms(kfb, reps), prob, floors, torch_ms)
                 rows.append(r)
     finally:
         setattr(mod, tname, t0)
         setattr(mod, pname, p0)
     return rows
+
+
+def numba_overheads():
+    """Host-side cost of Numba's pieces of one kernel call (microseconds), to explain its times."""
+    import torch
+    from numba import cuda
+
+    from sparx_ref.kernels.numba_cuda import attention as A
+    n = 200
+    out = {}
+    a = cuda.device_array(1024, dtype=np.float32)
+    b = cuda.device_array(1024, dtype=np.float32)
+    kern = A._k(np.float32, "sum_leading")
+    kern[1, 32](a, b, np.int64(1), np.int64(1024))
+    torch.cuda.synchronize()
+    for name, fn in (("device_array (allocation)", lambda: cuda.device_array((64, 49), dtype=np.float32)),
+                     ("reshape to 1-D (_flat)", lambda: A._flat(a)),
+                     ("launch, 4 arguments", lambda: kern[1, 32](a, b, np.int64(1), np.int64(1024))),
+                     ("launch, 14 arguments", lambda: A._k(np.float32, "bmm_naive")[1, 32](
+                         a, a, b, np.int64(1), np.int64(1), np.int64(1), np.int64(1), np.int64(0), np.int64(0),
+                         np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1)))):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t) / n * 1e6
+    return out
 
 
 def bench_dmca(prob, floors, sets, reps):
@@ -409,6 +445,9 @@ def main(argv=None):
         rows = bench_dmca(p, floors, args.sets, args.reps)
         _print("DMCA attention", p, rows, floors)
         results["problems"].append(dict(problem=p, rows=rows))
+    over = numba_overheads()
+    print("\nNumba host overheads per call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in over.items()))
+    results["numba_overheads_us"] = over
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results

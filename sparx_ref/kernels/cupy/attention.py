@@ -24,6 +24,12 @@ Window attention (per window ``w`` and head ``h``: ``A = (s q) k^T + bias + mask
   The backward keeps ``P`` and ``dP -> dS`` in shared memory per window, and each block
   walks a strided set of windows of one head, adding its ``dS`` into its own slab of
   partial bias gradients (no atomics, deterministic); a last small kernel sums the slabs.
+- ``static``: the fused kernels compiled for the call's (N, hd) (``-DWN=49 -DWHD=32 ...``):
+  every loop bound is a constant, so the compiler unrolls the products, turns the index
+  divisions into multiplies, keeps each thread's score tiles in registers across head-dim
+  chunks and each thread's share of the bias gradient in registers across windows.
+  Compiled once per shape (CuPy caches the binary); float64 windows whose tiles pass 48 KB
+  of static shared memory use ``fused``.
 
 DMCA attention (per image ``b`` and group: ``P = softmax(q_g k_g^T / sqrt(Ls))``,
 ``out_g = P v_g``):
@@ -45,6 +51,7 @@ __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
     "window_attention_fwd_naive", "window_attention_bwd_naive",
     "window_attention_fwd_fused", "window_attention_bwd_fused",
+    "window_attention_fwd_static", "window_attention_bwd_static",
     "dmca_attention_fwd_naive", "dmca_attention_bwd_naive",
     "dmca_attention_fwd_tiled", "dmca_attention_bwd_tiled",
     "CUDA_SOURCES", "NVRTC_OPTIONS",
@@ -549,18 +556,371 @@ extern "C" __global__ void window_bwd_fused(const real* __restrict__ q, const re
 """
 
 
+# --------------------------------------------------------------------------------------
+# "static" rung: the fused window kernels with the shape baked in at compile time.
+# WN tokens, WHD head width, WDC head-dim chunk (a multiple of 4), WT threads a block:
+# every loop has a constant trip count, so NVRTC unrolls them, strength-reduces the
+# divisions and keeps each thread's score tiles (and its share of the bias gradient) in
+# registers. Compiled once per shape (CuPy caches the binary).
+# --------------------------------------------------------------------------------------
+_STATIC_TEMPLATE = r"""
+typedef __REAL__ real;
+typedef long long i64;
+#ifndef WN
+#define WN 49
+#endif
+#ifndef WHD
+#define WHD 32
+#endif
+#ifndef WDC
+#define WDC __DEFAULT_DC__
+#endif
+#ifndef WT
+#define WT 128
+#endif
+#define W_NTL ((WN + 3) / 4)                 /* 4x4 tiles per token side            */
+#define W_LDS (WN + 1)                       /* shared row length of N x N tables   */
+#define W_LDC (WDC + 1)                      /* shared row length of head chunks    */
+#define W_NCH ((WHD + WDC - 1) / WDC)        /* head-dim chunks                     */
+#define W_DTL (WDC / 4)                      /* 4-wide tiles per chunk              */
+#define W_SQ ((W_NTL * W_NTL + WT - 1) / WT) /* rounds of N x N tiles per thread    */
+#define W_NV ((W_NTL * W_DTL + WT - 1) / WT) /* rounds of N x chunk tiles           */
+#define W_NB ((WN * WN + WT - 1) / WT)       /* bias-gradient entries per thread    */
+
+__device__ __forceinline__ float real_exp(float x) { return expf(x); }
+__device__ __forceinline__ double real_exp(double x) { return exp(x); }
+
+__device__ __forceinline__ real warp_sum(real x)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ real warp_max(real x)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+/* dst[i][dd] = mul * src[i*WHD + c*WDC + dd] (zero past the head width): a (WN, WDC) chunk */
+__device__ __forceinline__ void s_load(real* dst, const real* __restrict__ src, int c, real mul)
+{
+#pragma unroll 4
+    for (int e = threadIdx.x; e < WN * WDC; e += WT) {
+        const int i = e / WDC, dd = e % WDC;
+        const int d = c * WDC + dd;
+        dst[i * W_LDC + dd] = (d < WHD) ? mul * src[i * WHD + d] : (real)0;
+    }
+}
+
+/* acc[r][c] += sum_{kk<KN} A[ra[r]*AS + kk*AK] * B[cb[c]*BS + kk*BK] */
+template <int KN, int AS, int AK, int BS, int BK>
+__device__ __forceinline__ void s_tile(const real* A, const real* B, const int* ra, const int* cb,
+                                       real (&acc)[4][4])
+{
+#pragma unroll 7
+    for (int kk = 0; kk < KN; ++kk) {
+        real a[4], b[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = A[ra[r] * AS + kk * AK];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) b[c] = B[cb[c] * BS + kk * BK];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][c] += a[r] * b[c];
+    }
+}
+
+__device__ __forceinline__ void tok_tile(int t, int (&ra)[4], int (&cb)[4])
+{
+    const int ti = t / W_NTL, tj = t % W_NTL;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) { ra[r] = min(ti + W_NTL * r, WN - 1); cb[r] = min(tj + W_NTL * r, WN - 1); }
+}
+
+__device__ __forceinline__ void chunk_tile(int t, int (&ra)[4], int (&cb)[4])
+{
+    const int ti = t / W_DTL, td = t % W_DTL;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) { ra[r] = min(ti + W_NTL * r, WN - 1); cb[r] = td + W_DTL * r; }
+}
+
+/* store a chunk tile: dst[base + row*WHD + c*WDC + col] = mul * acc, rows < WN, columns < WHD */
+__device__ __forceinline__ void chunk_store(real* __restrict__ dst, i64 base, int t, int c, real mul,
+                                            const real (&acc)[4][4])
+{
+    const int ti = t / W_DTL, td = t % W_DTL;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int row = ti + W_NTL * r;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const int d = c * WDC + td + W_DTL * cc;
+            if (row < WN && d < WHD) dst[base + row * WHD + d] = mul * acc[r][cc];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WT)
+window_fwd_static(const real* __restrict__ q, const real* __restrict__ k, const real* __restrict__ v,
+                  const real* __restrict__ bias, const real* __restrict__ mask, real* __restrict__ out,
+                  real* __restrict__ probs, int nH, int nW, int has_mask, real scale)
+{
+    __shared__ real S[WN * W_LDS];
+    __shared__ real X[WN * W_LDC];
+    __shared__ real Y[WN * W_LDC];
+    const int tid = threadIdx.x;
+    const i64 bh = blockIdx.x;
+    const int h = (int)(bh % nH);
+    const int w = (int)((bh / nH) % nW);
+    const i64 base = bh * (WN * WHD);
+
+    /* scores (scale q) k^T: each thread keeps its 4x4 tiles in registers over the chunks */
+    real acc[W_SQ][4][4];
+#pragma unroll
+    for (int rd = 0; rd < W_SQ; ++rd)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[rd][r][c] = 0;
+#pragma unroll
+    for (int c = 0; c < W_NCH; ++c) {
+        if (c > 0) __syncthreads();
+        s_load(X, q + base, c, scale);
+        s_load(Y, k + base, c, (real)1);
+        __syncthreads();
+#pragma unroll
+        for (int rd = 0; rd < W_SQ; ++rd) {
+            const int t = tid + rd * WT;
+            if (t < W_NTL * W_NTL) {
+                int ra[4], cb[4];
+                tok_tile(t, ra, cb);
+                s_tile<WDC, W_LDC, 1, W_LDC, 1>(X, Y, ra, cb, acc[rd]);
+            }
+        }
+    }
+#pragma unroll
+    for (int rd = 0; rd < W_SQ; ++rd) {
+        const int t = tid + rd * WT;
+        if (t < W_NTL * W_NTL) {
+            const int ti = t / W_NTL, tj = t % W_NTL;
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int i = ti + W_NTL * r, j = tj + W_NTL * c;
+                    if (i < WN && j < WN) S[i * W_LDS + j] = acc[rd][r][c];
+                }
+        }
+    }
+    __syncthreads();
+    /* + bias (+ mask), softmax: one warp per row; probabilities to the cache */
+    const int lane = tid & 31, warp = tid >> 5;
+    real* P = probs + bh * (WN * WN);
+    const real* brow = bias + (i64)h * (WN * WN);
+    const real* mrow = mask + (i64)w * (WN * WN);
+    for (int i = warp; i < WN; i += WT / 32) {
+        real x[(WN + 31) / 32];
+        real mx = (real)-3.0e38;
+#pragma unroll
+        for (int u = 0; u < (WN + 31) / 32; ++u) {
+            const int j = lane + 32 * u;
+            if (j < WN) {
+                real s = S[i * W_LDS + j] + brow[i * WN + j];
+                if (has_mask) s += mrow[i * WN + j];
+                x[u] = s;
+                mx = fmax(mx, s);
+            }
+        }
+        mx = warp_max(mx);
+        real sum = 0;
+#pragma unroll
+        for (int u = 0; u < (WN + 31) / 32; ++u) {
+            const int j = lane + 32 * u;
+            if (j < WN) { x[u] = real_exp(x[u] - mx); sum += x[u]; }
+        }
+        sum = warp_sum(sum);
+        const real inv = (real)1 / sum;
+#pragma unroll
+        for (int u = 0; u < (WN + 31) / 32; ++u) {
+            const int j = lane + 32 * u;
+            if (j < WN) {
+                const real p = x[u] * inv;
+                S[i * W_LDS + j] = p;
+                P[i * WN + j] = p;
+            }
+        }
+    }
+    __syncthreads();
+    /* out = P v, one chunk at a time */
+#pragma unroll
+    for (int c = 0; c < W_NCH; ++c) {
+        if (c > 0) __syncthreads();
+        s_load(Y, v + base, c, (real)1);
+        __syncthreads();
+#pragma unroll
+        for (int rd = 0; rd < W_NV; ++rd) {
+            const int t = tid + rd * WT;
+            if (t < W_NTL * W_DTL) {
+                int ra[4], cb[4];
+                chunk_tile(t, ra, cb);
+                real a[4][4] = {};
+                s_tile<WN, W_LDS, 1, 1, W_LDC>(S, Y, ra, cb, a);
+                chunk_store(out, base, t, c, (real)1, a);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WT)
+window_bwd_static(const real* __restrict__ q, const real* __restrict__ k, const real* __restrict__ v,
+                  const real* __restrict__ probs, const real* __restrict__ dout, real* __restrict__ dq,
+                  real* __restrict__ dk, real* __restrict__ dv, real* __restrict__ partial, int Bw, int nH,
+                  real scale)
+{
+    __shared__ real P[WN * W_LDS];
+    __shared__ real D[WN * W_LDS];
+    __shared__ real X[WN * W_LDC];
+    __shared__ real Y[WN * W_LDC];
+    const int p = blockIdx.x, npart = gridDim.x, h = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    real breg[W_NB];
+#pragma unroll
+    for (int u = 0; u < W_NB; ++u) breg[u] = 0;
+
+    for (int bw = p; bw < Bw; bw += npart) {
+        const i64 bh = (i64)bw * nH + h;
+        const i64 base = bh * (WN * WHD);
+        for (int e = tid; e < WN * WN; e += WT) P[(e / WN) * W_LDS + e % WN] = probs[bh * (WN * WN) + e];
+        /* dP = dout v^T, tiles in registers over the chunks */
+        real acc[W_SQ][4][4];
+#pragma unroll
+        for (int rd = 0; rd < W_SQ; ++rd)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[rd][r][c] = 0;
+#pragma unroll
+        for (int c = 0; c < W_NCH; ++c) {
+            if (c > 0) __syncthreads();
+            s_load(X, dout + base, c, (real)1);
+            s_load(Y, v + base, c, (real)1);
+            __syncthreads();
+#pragma unroll
+            for (int rd = 0; rd < W_SQ; ++rd) {
+                const int t = tid + rd * WT;
+                if (t < W_NTL * W_NTL) {
+                    int ra[4], cb[4];
+                    tok_tile(t, ra, cb);
+                    s_tile<WDC, W_LDC, 1, W_LDC, 1>(X, Y, ra, cb, acc[rd]);
+                }
+            }
+        }
+#pragma unroll
+        for (int rd = 0; rd < W_SQ; ++rd) {
+            const int t = tid + rd * WT;
+            if (t < W_NTL * W_NTL) {
+                const int ti = t / W_NTL, tj = t % W_NTL;
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const int i = ti + W_NTL * r, j = tj + W_NTL * c;
+                        if (i < WN && j < WN) D[i * W_LDS + j] = acc[rd][r][c];
+                    }
+            }
+        }
+        __syncthreads();
+        /* dS = P * (dP - rowsum(P * dP)): one warp per row */
+        for (int i = warp; i < WN; i += WT / 32) {
+            real dot = 0;
+#pragma unroll
+            for (int u = 0; u < (WN + 31) / 32; ++u) {
+                const int j = lane + 32 * u;
+                if (j < WN) dot += P[i * W_LDS + j] * D[i * W_LDS + j];
+            }
+            dot = warp_sum(dot);
+#pragma unroll
+            for (int u = 0; u < (WN + 31) / 32; ++u) {
+                const int j = lane + 32 * u;
+                if (j < WN) D[i * W_LDS + j] = P[i * W_LDS + j] * (D[i * W_LDS + j] - dot);
+            }
+        }
+        __syncthreads();
+        /* this thread's share of the bias gradient stays in registers across windows */
+#pragma unroll
+        for (int u = 0; u < W_NB; ++u) {
+            const int e = tid + u * WT;
+            if (e < WN * WN) breg[u] += D[(e / WN) * W_LDS + e % WN];
+        }
+#pragma unroll
+        for (int c = 0; c < W_NCH; ++c) {
+            s_load(X, dout + base, c, (real)1);
+            s_load(Y, k + base, c, (real)1);
+            __syncthreads();
+#pragma unroll
+            for (int rd = 0; rd < W_NV; ++rd) {
+                const int t = tid + rd * WT;
+                if (t < W_NTL * W_DTL) {
+                    int ra[4], cb[4];
+                    chunk_tile(t, ra, cb);
+                    real a[4][4] = {};
+                    s_tile<WN, 1, W_LDS, 1, W_LDC>(P, X, ra, cb, a);     /* dv = P^T dout (rows: keys) */
+                    chunk_store(dv, base, t, c, (real)1, a);
+                    real b[4][4] = {};
+                    s_tile<WN, W_LDS, 1, 1, W_LDC>(D, Y, ra, cb, b);     /* dq = scale dS k (rows: queries) */
+                    chunk_store(dq, base, t, c, scale, b);
+                }
+            }
+            __syncthreads();
+            s_load(X, q + base, c, scale);
+            __syncthreads();
+#pragma unroll
+            for (int rd = 0; rd < W_NV; ++rd) {
+                const int t = tid + rd * WT;
+                if (t < W_NTL * W_DTL) {
+                    int ra[4], cb[4];
+                    chunk_tile(t, ra, cb);
+                    real a[4][4] = {};
+                    s_tile<WN, 1, W_LDS, 1, W_LDC>(D, X, ra, cb, a);     /* dk = dS^T (scale q) */
+                    chunk_store(dk, base, t, c, (real)1, a);
+                }
+            }
+            __syncthreads();
+        }
+    }
+    real* slab = partial + ((i64)p * nH + h) * (WN * WN);
+#pragma unroll
+    for (int u = 0; u < W_NB; ++u) {
+        const int e = tid + u * WT;
+        if (e < WN * WN) slab[e] = breg[u];
+    }
+}
+"""
+
+
+def _static_source(real: str, default_dc: int) -> str:
+    return _STATIC_TEMPLATE.replace("__REAL__", real).replace("__DEFAULT_DC__", str(default_dc))
+
+
 def _source(real: str) -> str:
     return _SOURCE_TEMPLATE.replace("__REAL__", real)
 
 
-CUDA_SOURCES = {"attention_f32": _source("float"), "attention_f64": _source("double")}
+CUDA_SOURCES = {"attention_f32": _source("float"), "attention_f64": _source("double"),
+                # the static rung at its default shape (N 49, hd 32); each shape compiles the same text
+                "attention_static_f32": _static_source("float", 32),
+                "attention_static_f64": _static_source("double", 4)}
 NVRTC_OPTIONS = ("-std=c++17",)
 
 _THREADS = 256          # 1-D launches
 _FUSED_THREADS = 128    # fused window kernels (4 warps)
 _TILE = 64              # must match TILE in the source
 _SMEM_LIMIT = 48 * 1024  # default dynamic shared-memory limit per block
-_NPART_MAX = 256        # bias-gradient slabs per head in the fused backward
+_NPART_MAX = 512        # bias-gradient slabs per head in the fused/static backward
+_STATIC_THREADS = 128   # static-shape window kernels
 
 
 # --------------------------------------------------------------------------------------
@@ -590,6 +950,29 @@ def _fn(dtype, name, smem=0):
     if smem > _SMEM_LIMIT and kern.max_dynamic_shared_size_bytes < smem:
         kern.max_dynamic_shared_size_bytes = smem
     return kern
+
+
+def _static_fn(dtype, name, N, hd, DC, threads):
+    """The static-shape kernel ``name`` compiled for (N, hd, DC, threads)."""
+    cp = _cupy()
+    dt = np.dtype(dtype).name
+    key = (dt, name, N, hd, DC, threads)
+    kern = _MODULES.get(key)
+    if kern is None:
+        src = CUDA_SOURCES["attention_static_f32" if dt == "float32" else "attention_static_f64"]
+        defs = (f"-DWN={N}", f"-DWHD={hd}", f"-DWDC={DC}", f"-DWT={threads}")
+        kern = cp.RawKernel(src, name, options=NVRTC_OPTIONS + defs)
+        _MODULES[key] = kern
+    return kern
+
+
+def _static_chunk(N, hd, itemsize, n_square):
+    """Head-dim chunk (a multiple of 4, at most 32) whose static shared arrays fit in 48 KB, or None."""
+    widest = min(32, (hd + 3) // 4 * 4)
+    for DC in (widest, 16, 8, 4):
+        if DC <= widest and (n_square * N * (N + 1) + 2 * N * (DC + 1)) * itemsize <= _SMEM_LIMIT:
+            return DC
+    return None
 
 
 def _device(name, x, ndim):
@@ -701,7 +1084,16 @@ def _window_fwd(version, q, k, v, bias, mask, scale):
     dt = q.dtype
     out = _empty(q.shape, dt)
     probs = _empty((Bw, nH, N, N), dt)
-    if version == "naive":
+    DC = _static_chunk(N, hd, dt.itemsize, 1) if version == "static" else None
+    if version == "static" and DC is None:
+        version = "fused"          # float64 windows too large for static shared memory
+    if version == "static":
+        dummy = _empty((1,), dt)
+        _static_fn(dt, "window_fwd_static", N, hd, DC, _STATIC_THREADS)(
+            (Bw * nH,), (_STATIC_THREADS,),
+            (q, k, v, bias, dummy if mask is None else mask, out, probs, np.int32(nH), np.int32(nW),
+             np.int32(mask is not None), _sc(dt, scale)))
+    elif version == "naive":
         BH = Bw * nH
         # A = (scale q) k^T: A(i, j) = sum_d q[i, d] k[j, d]
         _bmm("naive", q, k, probs, BH, N, N, hd, (N * hd, hd, 1), (N * hd, 1, hd), scale)
@@ -739,7 +1131,17 @@ def _window_bwd(version, dout, cache):
     dt = q.dtype
     dq, dk, dv = _empty(q.shape, dt), _empty(k.shape, dt), _empty(v.shape, dt)
     dbias = _empty((nH, N, N), dt)
-    if version == "naive":
+    DC = _static_chunk(N, hd, dt.itemsize, 2) if version == "static" else None
+    if version == "static" and DC is None:
+        version = "fused"
+    if version == "static":
+        npart = min(Bw, _NPART_MAX)
+        partial = _empty((npart, nH, N, N), dt)
+        _static_fn(dt, "window_bwd_static", N, hd, DC, _STATIC_THREADS)(
+            (npart, nH), (_STATIC_THREADS,),
+            (q, k, v, probs, dout, dq, dk, dv, partial, np.int32(Bw), np.int32(nH), _sc(dt, scale)))
+        _sum_leading(partial, npart, nH * N * N, dbias)
+    elif version == "naive":
         BH = Bw * nH
         # dv = P^T dout: dv(j, d) = sum_i P[i, j] dout[i, d]
         _bmm("naive", probs, dout, dv, BH, N, hd, N, (N * N, 1, N), (N * hd, hd, 1), 1.0)
@@ -783,6 +1185,16 @@ def window_attention_fwd_fused(q, k, v, bias, mask=None, scale=None):
 def window_attention_bwd_fused(dout, cache):
     """One block per (head, set of windows): P, dS in shared memory, bias gradient in per-block slabs."""
     return _window_bwd("fused", dout, cache)
+
+
+def window_attention_fwd_static(q, k, v, bias, mask=None, scale=None):
+    """The fused kernel compiled for this (N, hd): unrolled loops, score tiles in registers."""
+    return _window_fwd("static", q, k, v, bias, mask, scale)
+
+
+def window_attention_bwd_static(dout, cache):
+    """The fused backward compiled for this (N, hd); bias-gradient shares in registers across windows."""
+    return _window_bwd("static", dout, cache)
 
 
 def window_attention_fwd(q, k, v, bias, mask=None, scale=None):

@@ -10,7 +10,9 @@ which is how CI tests them; there the fused and tiled kernels use smaller blocks
 
 The ladder is the one of :mod:`sparx_ref.kernels.cupy.attention` (read its docstring):
 ``naive`` (one thread per output element, every intermediate in device memory) and
-``fused`` (window attention: one block per window and head, scores in shared memory) /
+``fused`` (window attention: one block per window and head, scores in shared memory),
+``static`` (the fused kernels built per (N, hd) with constant loop bounds, tiles and bias-gradient
+shares in registers; Numba compiles each shape once, about 20 s on a GPU machine) /
 ``tiled`` (DMCA: shared-memory tiled GEMMs). Two differences, both because the simulator
 has no warp shuffles: softmax rows are one thread per row (inside the fused kernels, with
 separate coalesced passes for the device-memory reads and writes), and the fused kernels
@@ -33,6 +35,7 @@ __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
     "window_attention_fwd_naive", "window_attention_bwd_naive",
     "window_attention_fwd_fused", "window_attention_bwd_fused",
+    "window_attention_fwd_static", "window_attention_bwd_static",
     "dmca_attention_fwd_naive", "dmca_attention_bwd_naive",
     "dmca_attention_fwd_tiled", "dmca_attention_bwd_tiled",
     "PTX_KERNELS",
@@ -46,7 +49,8 @@ TILE = 32 if SIMULATOR else 64    # output tile side of the tiled GEMM (64 threa
 THREADS = 64 if SIMULATOR else 256          # 1-D launches
 FUSED_THREADS = 64 if SIMULATOR else 128    # fused window kernels
 SMEM_LIMIT = 48 * 1024
-NPART_MAX = 4 if SIMULATOR else 256         # bias-gradient slabs per head (fused backward)
+NPART_MAX = 4 if SIMULATOR else 512         # bias-gradient slabs per head (fused/static backward)
+STATIC_THREADS = 64 if SIMULATOR else 128   # static-shape window kernels
 
 
 def _build(T, tile):
@@ -431,6 +435,293 @@ def _build(T, tile):
             "window_fwd_fused": window_fwd_fused, "window_bwd_fused": window_bwd_fused}
 
 
+def _build_static(T, N, HD, DC, NTH):
+    """The "static" rung: fused window kernels for one (N, hd) with every loop bound a
+    compile-time constant (closure constants), score tiles and the thread's share of the bias
+    gradient in registers. Mirrors ``window_fwd_static``/``window_bwd_static`` of the CuPy module,
+    except that softmax rows are one thread each (the simulator has no warp shuffles)."""
+    NTL = (N + MICRO - 1) // MICRO      # 4x4 tiles per token side
+    LDS = N + 1                         # shared row length of N x N tables
+    LDC = DC + 1                        # shared row length of head chunks
+    NCH = (HD + DC - 1) // DC           # head-dim chunks
+    DTL = DC // MICRO                   # 4-wide tiles per chunk
+    SQ = (NTL * NTL + NTH - 1) // NTH   # rounds of N x N tiles per thread
+    NV = (NTL * DTL + NTH - 1) // NTH   # rounds of N x chunk tiles per thread
+    NB = (N * N + NTH - 1) // NTH       # bias-gradient entries per thread
+    S_SIZE = N * LDS
+    C_SIZE = N * LDC
+    NN = N * N
+    NHD = N * HD
+    zero = T(0)
+    one = T(1)
+    neg_big = T(-3.0e38)
+
+    @cuda.jit(device=True, inline=True)
+    def s_load(dst, src, base, c, mul):
+        """dst[i][dd] = mul * src[base + i*HD + c*DC + dd], zero past the head width."""
+        for e in range(cuda.threadIdx.x, N * DC, NTH):
+            i = e // DC
+            dd = e % DC
+            d = c * DC + dd
+            if d < HD:
+                dst[i * LDC + dd] = mul * src[base + i * HD + d]
+            else:
+                dst[i * LDC + dd] = zero
+
+    @cuda.jit(device=True, inline=True)
+    def s_tile(A, AS, AK, B, BS, BK, ra, cb, KN, acc, rd):
+        """acc[rd, r, c] += sum_{kk<KN} A[ra[r]*AS + kk*AK] * B[cb[c]*BS + kk*BK]."""
+        a0o = ra[0] * AS
+        a1o = ra[1] * AS
+        a2o = ra[2] * AS
+        a3o = ra[3] * AS
+        b0o = cb[0] * BS
+        b1o = cb[1] * BS
+        b2o = cb[2] * BS
+        b3o = cb[3] * BS
+        for kk in range(KN):
+            a0 = A[a0o + kk * AK]
+            a1 = A[a1o + kk * AK]
+            a2 = A[a2o + kk * AK]
+            a3 = A[a3o + kk * AK]
+            b0 = B[b0o + kk * BK]
+            b1 = B[b1o + kk * BK]
+            b2 = B[b2o + kk * BK]
+            b3 = B[b3o + kk * BK]
+            acc[rd, 0, 0] += a0 * b0
+            acc[rd, 0, 1] += a0 * b1
+            acc[rd, 0, 2] += a0 * b2
+            acc[rd, 0, 3] += a0 * b3
+            acc[rd, 1, 0] += a1 * b0
+            acc[rd, 1, 1] += a1 * b1
+            acc[rd, 1, 2] += a1 * b2
+            acc[rd, 1, 3] += a1 * b3
+            acc[rd, 2, 0] += a2 * b0
+            acc[rd, 2, 1] += a2 * b1
+            acc[rd, 2, 2] += a2 * b2
+            acc[rd, 2, 3] += a2 * b3
+            acc[rd, 3, 0] += a3 * b0
+            acc[rd, 3, 1] += a3 * b1
+            acc[rd, 3, 2] += a3 * b2
+            acc[rd, 3, 3] += a3 * b3
+
+    @cuda.jit(device=True, inline=True)
+    def zero3(acc, rounds):
+        for rd in range(rounds):
+            for r in range(MICRO):
+                for c in range(MICRO):
+                    acc[rd, r, c] = zero
+
+    @cuda.jit(device=True, inline=True)
+    def tok_tile(t, ra, cb):
+        ti = t // NTL
+        tj = t % NTL
+        for r in range(MICRO):
+            ra[r] = min(ti + NTL * r, N - 1)
+            cb[r] = min(tj + NTL * r, N - 1)
+
+    @cuda.jit(device=True, inline=True)
+    def chunk_tile(t, ra, cb):
+        ti = t // DTL
+        td = t % DTL
+        for r in range(MICRO):
+            ra[r] = min(ti + NTL * r, N - 1)
+            cb[r] = td + DTL * r
+
+    @cuda.jit(device=True, inline=True)
+    def chunk_store(dst, base, t, c, mul, acc):
+        ti = t // DTL
+        td = t % DTL
+        for r in range(MICRO):
+            row = ti + NTL * r
+            for cc in range(MICRO):
+                d = c * DC + td + DTL * cc
+                if row < N and d < HD:
+                    dst[base + row * HD + d] = mul * acc[0, r, cc]
+
+    @cuda.jit(device=True, inline=True)
+    def tok_store(S, t, acc, rd):
+        ti = t // NTL
+        tj = t % NTL
+        for r in range(MICRO):
+            i = ti + NTL * r
+            for c in range(MICRO):
+                j = tj + NTL * c
+                if i < N and j < N:
+                    S[i * LDS + j] = acc[rd, r, c]
+
+    @cuda.jit
+    def window_fwd_static(q, k, v, bias, mask, out, probs, nH, nW, has_mask, scale):
+        S = cuda.shared.array(S_SIZE, T)
+        X = cuda.shared.array(C_SIZE, T)
+        Y = cuda.shared.array(C_SIZE, T)
+        tid = cuda.threadIdx.x
+        bh = cuda.blockIdx.x
+        h = bh % nH
+        w = (bh // nH) % nW
+        base = bh * NHD
+        ra = cuda.local.array(MICRO, np.int32)
+        cb = cuda.local.array(MICRO, np.int32)
+        acc = cuda.local.array((SQ, MICRO, MICRO), T)
+        a1 = cuda.local.array((1, MICRO, MICRO), T)
+        zero3(acc, SQ)
+        for c in range(NCH):
+            if c > 0:
+                cuda.syncthreads()
+            s_load(X, q, base, c, scale)
+            s_load(Y, k, base, c, one)
+            cuda.syncthreads()
+            for rd in range(SQ):
+                t = tid + rd * NTH
+                if t < NTL * NTL:
+                    tok_tile(t, ra, cb)
+                    s_tile(X, LDC, 1, Y, LDC, 1, ra, cb, DC, acc, rd)
+        for rd in range(SQ):
+            t = tid + rd * NTH
+            if t < NTL * NTL:
+                tok_store(S, t, acc, rd)
+        cuda.syncthreads()
+        # + bias (+ mask): coalesced over the (N, N) tables
+        for e in range(tid, NN, NTH):
+            i = e // N
+            j = e % N
+            x = S[i * LDS + j] + bias[h * NN + e]
+            if has_mask:
+                x += mask[w * NN + e]
+            S[i * LDS + j] = x
+        cuda.syncthreads()
+        for i in range(tid, N, NTH):            # softmax: one thread per row
+            mx = neg_big
+            for j in range(N):
+                mx = max(mx, S[i * LDS + j])
+            total = zero
+            for j in range(N):
+                ex = math.exp(S[i * LDS + j] - mx)
+                S[i * LDS + j] = ex
+                total += ex
+            inv = one / total
+            for j in range(N):
+                S[i * LDS + j] = S[i * LDS + j] * inv
+        cuda.syncthreads()
+        for e in range(tid, NN, NTH):
+            probs[bh * NN + e] = S[(e // N) * LDS + e % N]
+        for c in range(NCH):
+            if c > 0:
+                cuda.syncthreads()
+            s_load(Y, v, base, c, one)
+            cuda.syncthreads()
+            for rd in range(NV):
+                t = tid + rd * NTH
+                if t < NTL * DTL:
+                    chunk_tile(t, ra, cb)
+                    zero3(a1, 1)
+                    s_tile(S, LDS, 1, Y, 1, LDC, ra, cb, N, a1, 0)
+                    chunk_store(out, base, t, c, one, a1)
+
+    @cuda.jit
+    def window_bwd_static(q, k, v, probs, dout, dq, dk, dv, partial, Bw, nH, scale):
+        P = cuda.shared.array(S_SIZE, T)
+        D = cuda.shared.array(S_SIZE, T)
+        X = cuda.shared.array(C_SIZE, T)
+        Y = cuda.shared.array(C_SIZE, T)
+        p = cuda.blockIdx.x
+        npart = cuda.gridDim.x
+        h = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        ra = cuda.local.array(MICRO, np.int32)
+        cb = cuda.local.array(MICRO, np.int32)
+        acc = cuda.local.array((SQ, MICRO, MICRO), T)
+        a1 = cuda.local.array((1, MICRO, MICRO), T)
+        breg = cuda.local.array(NB, T)
+        for u in range(NB):
+            breg[u] = zero
+        for bw in range(p, Bw, npart):
+            bh = bw * nH + h
+            base = bh * NHD
+            for e in range(tid, NN, NTH):
+                P[(e // N) * LDS + e % N] = probs[bh * NN + e]
+            zero3(acc, SQ)
+            for c in range(NCH):
+                if c > 0:
+                    cuda.syncthreads()
+                s_load(X, dout, base, c, one)
+                s_load(Y, v, base, c, one)
+                cuda.syncthreads()
+                for rd in range(SQ):
+                    t = tid + rd * NTH
+                    if t < NTL * NTL:
+                        tok_tile(t, ra, cb)
+                        s_tile(X, LDC, 1, Y, LDC, 1, ra, cb, DC, acc, rd)
+            for rd in range(SQ):
+                t = tid + rd * NTH
+                if t < NTL * NTL:
+                    tok_store(D, t, acc, rd)
+            cuda.syncthreads()
+            for i in range(tid, N, NTH):        # dS = P * (dP - rowsum(P dP)): one thread per row
+                dot = zero
+                for j in range(N):
+                    dot += P[i * LDS + j] * D[i * LDS + j]
+                for j in range(N):
+                    D[i * LDS + j] = P[i * LDS + j] * (D[i * LDS + j] - dot)
+            cuda.syncthreads()
+            for u in range(NB):                 # bias-gradient shares stay in registers
+                e = tid + u * NTH
+                if e < NN:
+                    breg[u] += D[(e // N) * LDS + e % N]
+            for c in range(NCH):
+                s_load(X, dout, base, c, one)
+                s_load(Y, k, base, c, one)
+                cuda.syncthreads()
+                for rd in range(NV):
+                    t = tid + rd * NTH
+                    if t < NTL * DTL:
+                        chunk_tile(t, ra, cb)
+                        zero3(a1, 1)
+                        s_tile(P, 1, LDS, X, 1, LDC, ra, cb, N, a1, 0)     # dv = P^T dout
+                        chunk_store(dv, base, t, c, one, a1)
+                        zero3(a1, 1)
+                        s_tile(D, LDS, 1, Y, 1, LDC, ra, cb, N, a1, 0)     # dq = scale dS k
+                        chunk_store(dq, base, t, c, scale, a1)
+                cuda.syncthreads()
+                s_load(X, q, base, c, scale)
+                cuda.syncthreads()
+                for rd in range(NV):
+                    t = tid + rd * NTH
+                    if t < NTL * DTL:
+                        chunk_tile(t, ra, cb)
+                        zero3(a1, 1)
+                        s_tile(D, 1, LDS, X, 1, LDC, ra, cb, N, a1, 0)     # dk = dS^T (scale q)
+                        chunk_store(dk, base, t, c, one, a1)
+                cuda.syncthreads()
+        slab = (p * nH + h) * NN
+        for u in range(NB):
+            e = tid + u * NTH
+            if e < NN:
+                partial[slab + e] = breg[u]
+
+    return {"window_fwd_static": window_fwd_static, "window_bwd_static": window_bwd_static}
+
+
+_STATIC: dict = {}
+
+
+def _static_k(dtype, name, N, hd, DC, threads):
+    key = (np.dtype(dtype).name, N, hd, DC, threads)
+    if key not in _STATIC:
+        from numba import float32, float64
+        _STATIC[key] = _build_static(float32 if key[0] == "float32" else float64, N, hd, DC, threads)
+    return _STATIC[key][name]
+
+
+def _static_chunk(N, hd, itemsize, n_square):
+    """Head-dim chunk (a multiple of 4, at most 32) whose static shared arrays fit in 48 KB, or None."""
+    widest = min(32, (hd + 3) // 4 * 4)
+    for DC in (widest, 16, 8, 4):
+        if DC <= widest and (n_square * N * (N + 1) + 2 * N * (DC + 1)) * itemsize <= SMEM_LIMIT:
+            return DC
+    return None
+
+
 _KERNELS: dict = {}
 
 
@@ -461,6 +752,12 @@ def _ptx_kernels():
         }
         for name, args in sigs.items():
             out.append((f"{name}_{tn}", ks[name].py_func, f"void({', '.join(args)})"))
+        # the static rung at its benchmark shape (each shape compiles the same code)
+        st = _build_static(T, 49, 32, 32 if tn == "float32" else 4, 128)
+        out.append((f"window_fwd_static_{tn}", st["window_fwd_static"].py_func,
+                    f"void({', '.join([a] * 7 + [i64] * 3 + [tn])})"))
+        out.append((f"window_bwd_static_{tn}", st["window_bwd_static"].py_func,
+                    f"void({', '.join([a] * 9 + [i64] * 2 + [tn])})"))
     return out
 
 
@@ -591,8 +888,14 @@ def _window_fwd(version, q, k, v, bias, mask, scale):
     q, k, v, bias, mask, scale, dt, like_cupy, (Bw, nH, N, hd, nW) = _window_inputs(q, k, v, bias, mask, scale)
     out = _empty(q.shape, dt)
     probs = _empty((Bw, nH, N, N), dt)
-    DC = _fused_chunk(N, dt.itemsize, 1) if version == "fused" else None
-    if DC is None:
+    SDC = _static_chunk(N, hd, dt.itemsize, 1) if version == "static" else None
+    DC = _fused_chunk(N, dt.itemsize, 1) if version in ("fused", "static") else None
+    if SDC is not None:
+        dummy = _empty((1,), dt)
+        _static_k(dt, "window_fwd_static", N, hd, SDC, STATIC_THREADS)[Bw * nH, STATIC_THREADS](
+            _flat(q), _flat(k), _flat(v), _flat(bias), dummy if mask is None else _flat(mask), _flat(out),
+            _flat(probs), np.int64(nH), np.int64(nW), np.int64(mask is not None), dt.type(scale))
+    elif DC is None:
         BH = Bw * nH
         _bmm("naive", dt, q, k, probs, BH, N, N, hd, (N * hd, hd, 1), (N * hd, 1, hd), scale)
         _softmax_rows(dt, probs, BH * N, N, bias=bias, mask=mask, nH=nH, nW=nW)
@@ -620,8 +923,16 @@ def _window_bwd(version, dout, cache):
     Bw, nH, N, hd = (int(s) for s in q.shape)
     dq, dk, dv = _empty(q.shape, dt), _empty(q.shape, dt), _empty(q.shape, dt)
     dbias = _empty((nH, N, N), dt)
-    DC = _fused_chunk(N, dt.itemsize, 2) if version == "fused" else None
-    if DC is None:
+    SDC = _static_chunk(N, hd, dt.itemsize, 2) if version == "static" else None
+    DC = _fused_chunk(N, dt.itemsize, 2) if version in ("fused", "static") else None
+    if SDC is not None:
+        npart = min(Bw, NPART_MAX)
+        partial = _empty((npart, nH, N, N), dt)
+        _static_k(dt, "window_bwd_static", N, hd, SDC, STATIC_THREADS)[(npart, nH), STATIC_THREADS](
+            _flat(q), _flat(k), _flat(v), _flat(probs), _flat(dout), _flat(dq), _flat(dk), _flat(dv),
+            _flat(partial), np.int64(Bw), np.int64(nH), dt.type(scale))
+        _sum_leading(dt, partial, npart, nH * N * N, dbias)
+    elif DC is None:
         BH = Bw * nH
         _bmm("naive", dt, probs, dout, dv, BH, N, hd, N, (N * N, 1, N), (N * hd, hd, 1), 1.0)
         dS = _empty((Bw, nH, N, N), dt)
@@ -660,6 +971,16 @@ def window_attention_fwd_fused(q, k, v, bias, mask=None, scale=None):
 def window_attention_bwd_fused(dout, cache):
     """One block per (head, set of windows): P, dS in shared memory, bias gradient in per-block slabs."""
     return _window_bwd("fused", dout, cache)
+
+
+def window_attention_fwd_static(q, k, v, bias, mask=None, scale=None):
+    """The fused kernel compiled for this (N, hd): constant loop bounds, score tiles in registers."""
+    return _window_fwd("static", q, k, v, bias, mask, scale)
+
+
+def window_attention_bwd_static(dout, cache):
+    """The fused backward compiled for this (N, hd); bias-gradient shares in registers across windows."""
+    return _window_bwd("static", dout, cache)
 
 
 def window_attention_fwd(q, k, v, bias, mask=None, scale=None):
