@@ -180,7 +180,8 @@ def _kernel(op: str, backend: str, which: int):
 
 def _check_tensors(op: str, backend: str, named: dict) -> torch.device:
     """Every tensor a float32/float64 torch.Tensor of one dtype, on one device that the
-    backend can reach. Returns that device."""
+    backend can reach. Returns that device. A missing runtime is reported first."""
+    _kernel(op, backend, 0)
     items = [(n, t) for n, t in named.items() if t is not None]
     for n, t in items:
         if not isinstance(t, torch.Tensor):
