@@ -159,7 +159,8 @@ class SparXSS2D(Module):
         y, self._cache = ss2d.forward_ssm_fwd(self.act.forward(z), self._ssm_params(),
                                               d_state=self.d_state, dt_rank=self.dt_rank)
         out = self.out_proj.forward(y)
-        self.recorded = OrderedDict(self.dmca.recorded if self.is_cross_layer else {})
+        rec = self.dmca.recorded if self.is_cross_layer else {}
+        self.recorded = OrderedDict((k, rec[k]) for k in ("d_proj", "attn", "in_proj_padded") if k in rec)
         self.recorded["ssm_out"] = y
         return out
 
