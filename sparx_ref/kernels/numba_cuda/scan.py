@@ -143,7 +143,7 @@ def dsoftplus_f(z):
     return f32(1.0) if z > f32(20.0) else f32(1.0) / (f32(1.0) + f32(math.exp(-z)))
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline=True)
 def warp_sum(v):
     off = 16
     while off > 0:
@@ -166,7 +166,7 @@ def _build(NSTATE: int, CHUNKS: int):
     ROUND = 32 * CHUNKS
     RED = CHUNKS * 32 * NSTATE
 
-    @cuda.jit(device=True)
+    @cuda.jit(device=True, inline=True)
     def fwd_row(u, uoff, pu, delta, doff, A, aoff, B, C, goff, Dc, bias, softplus,
                 y, yoff, py, has_y, accumulate, kdir, H, W, hs, hoff, has_hs, active):
         """One warp scans one sequence (see the CUDA C fwd_row): u at u[uoff + h*pu + w],
@@ -228,15 +228,18 @@ def _build(NSTATE: int, CHUNKS: int):
                     else:
                         y[yoff + h * py + w] = yv
 
-    @cuda.jit(device=True)
-    def bwd_row(u, uoff, pu, dy, dyoff, pdy, delta, doff, A, aoff, B, C, goff, Dc, bias, softplus,
-                kdir, H, W, active, hs, hoff, du, duoff, pdu, du_accumulate, ddelta,
-                sred, has_sred, partB, partC, poff, dB, dC, use_atomics,
-                dA_out, dD_out, dbias_out, rowidx):
+    @cuda.jit(device=True, inline=True)
+    def bwd_row(u, dy, delta, A, B, C, hs, du, ddelta, sred, partB, partC, dB, dC,
+                dA_out, dD_out, dbias_out, Dc, bias, offs, geo, flags):
         """Backward of fwd_row for one sequence (see the CUDA C bwd_row). Rounds last to first:
         recompute the round's forward states from hs, then the reverse warp scan of the adjoint
         g_t = dy_t C_t + a_{t+1} g_{t+1}. dB/dC: block reduction in shared memory (has_sred) or
         atomics into dB/dC. Per-row sums go to dA_out[rowidx*N + n], dD_out/dbias_out[rowidx]."""
+        # (grouped in tuples: Python passes more than 30 arguments as *args, which Numba
+        # cannot inline)
+        uoff, pu, dyoff, pdy, doff, aoff, goff, hoff, duoff, pdu, poff, rowidx = offs
+        kdir, H, W = geo
+        softplus, active, du_accumulate, has_sred, use_atomics = flags
         lane = cuda.threadIdx.x & 31
         warp = cuda.threadIdx.x >> 5
         nwarps = cuda.blockDim.x >> 5
@@ -438,9 +441,10 @@ def _build(NSTATE: int, CHUNKS: int):
                 du, 0, L, False, False, 0, 1, L, hstart, hoff, True, active)
         syncwarp()
         poff = ((b * K + k) * cuda.gridDim.x + cuda.blockIdx.x) * NSTATE * L
-        bwd_row(u, row * L, L, dy, row * L, L, delta, row * L, A, c * NSTATE, B, C, goff, D[c], bias[c],
-                softplus, 0, 1, L, active, hstart, hoff, du, row * L, L, False, ddelta,
-                sred, True, partB, partC, poff, partB, partC, False, partA, partD, partbias, row)
+        bwd_row(u, dy, delta, A, B, C, hstart, du, ddelta, sred, partB, partC, partB, partC,
+                partA, partD, partbias, D[c], bias[c],
+                (row * L, L, row * L, L, row * L, c * NSTATE, goff, hoff, row * L, L, poff, row),
+                (0, 1, L), (softplus, active, False, True, False))
 
     def ss2d_fwd_fused(x, delta, A, B, C, D, bias, y, batch, Di, H, W, P, softplus):
         """Fused 2-D scan forward, one block of 2 warps per (batch, channel): the map in shared
@@ -504,15 +508,16 @@ def _build(NSTATE: int, CHUNKS: int):
             fwd_row(smem, 0, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch], bias[ch], softplus,
                     dx, 0, 0, False, False, kdir, H, W, hstart, hoff, True, True)
             syncwarp()
-            if warp == 0:
-                bwd_row(smem, 0, P, smem, H * P, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch],
-                        bias[ch], softplus, kdir, H, W, True, hstart, hoff, dx, bc * L, W, ps == 1,
-                        ddelta, smem, False, dB, dC, 0, dB, dC, True, partA, partD, partbias, row)
-            else:
-                bwd_row(smem, 0, P, smem, H * P, P, delta, off, A, ch * NSTATE, B, C, goff, D[ch],
-                        bias[ch], softplus, kdir, H, W, True, hstart, hoff, smem, 2 * H * P, P,
-                        ps == 1, ddelta, smem, False, dB, dC, 0, dB, dC, True, partA, partD, partbias,
-                        row)
+            if warp == 0:      # directions 0, 2: dx straight into global memory
+                bwd_row(smem, smem, delta, A, B, C, hstart, dx, ddelta, smem, dB, dC, dB, dC,
+                        partA, partD, partbias, D[ch], bias[ch],
+                        (0, P, H * P, P, off, ch * NSTATE, goff, hoff, bc * L, W, 0, row),
+                        (kdir, H, W), (softplus, True, ps == 1, False, True))
+            else:              # directions 1, 3: dx into the shared buffer
+                bwd_row(smem, smem, delta, A, B, C, hstart, smem, ddelta, smem, dB, dC, dB, dC,
+                        partA, partD, partbias, D[ch], bias[ch],
+                        (0, P, H * P, P, off, ch * NSTATE, goff, hoff, 2 * H * P, P, 0, row),
+                        (kdir, H, W), (softplus, True, ps == 1, False, True))
             syncwarp()
         cuda.syncthreads()
         p = cuda.threadIdx.x
