@@ -3,7 +3,7 @@
     sparx-ref golden OP_OR_MODEL [--config JSON] [--dtype float64|float32] [--seed N]
                      [--grad | --no-grad] -o DIR
     sparx-ref golden all -o DIR          # every op and every mini model, one subdirectory each
-    sparx-ref check GOLDEN_DIR RESULTS.npz [--dtype float32|float64] [--failures-only]
+    sparx-ref check GOLDEN_DIR RESULTS.npz [--dtype float32|float64] [--failures-only | --by-module]
 
 ``check`` exits with 0 only when every tensor passes, 1 when any fails or is missing, 2 on
 a usage error (bad arguments, unreadable files).
@@ -63,7 +63,10 @@ def _check_parser():
     p.add_argument("results", help=".npz with the keys listed in the manifest's 'results'")
     p.add_argument("--dtype", choices=("float64", "float32"), default=None,
                    help="whose tolerances apply (default: the golden's dtype)")
-    p.add_argument("--failures-only", action="store_true", help="print only the failing tensors")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--failures-only", action="store_true", help="print only the failing tensors")
+    view.add_argument("--by-module", action="store_true",
+                      help="one line per released module (worst error, failures) instead of per tensor")
     return p
 
 
@@ -99,7 +102,7 @@ def check_main(argv) -> int:
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         print(f"sparx-ref check: {err}", file=sys.stderr)
         return 2
-    print(report.format(failures_only=args.failures_only))
+    print(report.format_by_module() if args.by_module else report.format(failures_only=args.failures_only))
     return 0 if report.passed else 1
 
 

@@ -8,6 +8,7 @@ passes). A tensor passes when ``max_rel <= tol``.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,7 +151,8 @@ class Report:
             counts = {}
             for r in self.failures:
                 counts[r.status] = counts.get(r.status, 0) + 1
-            detail = ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
+            words = {FAIL: "over tolerance", MISSING: "missing", SHAPE: "wrong shape"}
+            detail = ", ".join(f"{v} {words.get(k, k)}" for k, v in counts.items())
             lines.append(f"FAILED: {n_fail} of {n} tensors ({detail})")
             if self.missing:
                 shown = ", ".join(self.missing[:12]) + (" ..." if len(self.missing) > 12 else "")
@@ -158,6 +160,35 @@ class Report:
             first = self.first_failure
             lines.append(f"  first divergence: {self.first_divergence}"
                          + (f" (tensor {first.key})" if first.key != self.first_divergence else ""))
+        return "\n".join(lines)
+
+    def format_by_module(self) -> str:
+        """One line per released module (activations) or per module's parameters (gradients),
+        in forward order: the worst relative error and how many tensors failed."""
+        groups = OrderedDict()
+        for r in self.rows:
+            group, _, rest = r.key.partition(".")
+            m = _BLOCK.match(rest) or _BLOCK.match("act." + rest)
+            if m:
+                module = m.group(1)
+            elif group == "grad":
+                d = re.match(r"^(layers\.\d+\.downsample)\.", rest)
+                module = d.group(1) if d else rest.split(".")[0]
+            else:
+                module = rest
+            groups.setdefault((group, module), []).append(r)
+        width = max([len(f"{g} {m}") for g, m in groups] + [6])
+        lines = [f"sparx-ref check: {self.name} ({self.kind}, tolerances for {self.dtype}), by module",
+                 f"  {'module':<{width}}  {'tensors':>7} {'failed':>6} {'max_rel':>9}"]
+        for (group, module), rows in groups.items():
+            worst = max((r.max_rel for r in rows if not np.isnan(r.max_rel)), default=float("nan"))
+            failed = sum(not r.passed for r in rows)
+            lines.append(f"  {group + ' ' + module:<{width}}  {len(rows):>7} {failed:>6} {_num(worst)}"
+                         + ("  <- first divergence" if failed and module == self.first_divergence
+                            and group == "act" else ""))
+        lines.append(self.format(failures_only=True).splitlines()[-1] if self.passed else
+                     "\n".join(l for l in self.format(failures_only=True).splitlines()
+                                if l.startswith(("FAILED", "  missing", "  first divergence"))))
         return "\n".join(lines)
 
     def __str__(self) -> str:
