@@ -53,8 +53,19 @@ def available_names() -> list:
 
 
 def _f32_exact(a: np.ndarray) -> np.ndarray:
-    """Round to the nearest float32 value, returned as float64."""
-    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
+    """Round to the nearest float32 value, returned as float64 (integer arrays unchanged)."""
+    a = np.asarray(a)
+    if a.dtype.kind in "iub":
+        return a
+    return a.astype(np.float64).astype(np.float32).astype(np.float64)
+
+
+def _cast(a, dtype):
+    """Float arrays to ``dtype``; integer buffers (num_batches_tracked) and None unchanged."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    return a.astype(dtype) if a.dtype.kind == "f" else a
 
 
 def _json_safe(value):
@@ -86,7 +97,7 @@ def _op_reference(name, cfg, rng=None, inputs=None, cotangents=None, want_grads=
     spec = OPS[name]
     if inputs is None:
         inputs = {k: (None if v is None else _f32_exact(v)) for k, v in spec.make_inputs(cfg, rng).items()}
-    x64 = {k: (None if v is None else np.asarray(v, dtype=np.float64)) for k, v in inputs.items()}
+    x64 = {k: _cast(v, np.float64) for k, v in inputs.items()}
     outputs, _ = spec.run(x64, cfg)
     if want_grads and cotangents is None:
         cotangents = {k: _f32_exact(rng.standard_normal(v.shape)) for k, v in outputs.items()}
@@ -169,7 +180,7 @@ def write_golden(name: str, out_dir, config: dict | None = None, dtype="float64"
         inputs, cots, ref = _op_reference(name, cfg, rng=rng, want_grads=want)
         for k, v in inputs.items():
             if v is not None:
-                put(f"in.{k}", v.astype(dtype), "in", spec.inputs[k])
+                put(f"in.{k}", _cast(v, dtype), "in", spec.inputs[k])
         for k, v in (cots or {}).items():
             put(f"cot.{k}", v.astype(dtype), "cot", f"cotangent of out.{k}")
         summary, upstream = spec.summary, spec.upstream
@@ -347,7 +358,7 @@ def oracle_results(golden_dir, dtype="float64") -> dict:
     name, cfg = manifest["name"], manifest["config"]
     if manifest["kind"] == "op":
         spec = OPS[name]
-        x = {k: arrays[f"in.{k}"].astype(dtype) if f"in.{k}" in arrays else None for k in spec.inputs}
+        x = {k: _cast(arrays.get(f"in.{k}"), dtype) for k in spec.inputs}
         cots = {k[4:]: v.astype(dtype) for k, v in arrays.items() if k.startswith("cot.")}
         outputs, grads = spec.run(x, cfg, cots or None)
         res = {f"out.{k}": v for k, v in outputs.items()}
@@ -414,7 +425,7 @@ def check(name: str, inputs: dict, outputs: dict, grads: dict | None = None, dty
         if unknown:
             raise ValueError(f"{name}: unknown input(s) {unknown}; the op takes {list(spec.inputs)}")
         x = {k: (None if inputs.get(k) is None else _to_numpy(inputs[k])) for k in spec.inputs}
-        missing = [k for k in spec.inputs if x[k] is None and k not in ("D", "delta_bias", "mask")]
+        missing = [k for k in spec.inputs if x[k] is None and k not in spec.optional]
         if missing:
             raise ValueError(f"{name}: missing input(s) {missing}; the op takes {list(spec.inputs)}")
         cots = None

@@ -35,6 +35,7 @@ class OpSpec:
     outputs: dict                   # output key -> doc
     differentiable: tuple           # inputs that receive a gradient
     functions: tuple                # reference function names an implementation replaces
+    optional: tuple = ()            # inputs that may be absent (None)
     make_inputs: Callable = field(repr=False, default=None)
     forward: Callable = field(repr=False, default=None)
     backward: Callable = field(repr=False, default=None)
@@ -232,6 +233,42 @@ def _window_msa_backward(cot, cache, fns):
     return fns["window_msa_bwd"](cot["out"], cache)
 
 
+def _dmca_shapes(cfg):
+    return ref_dmca.dmca_param_shapes(cfg["dim"], cfg["shortcut_channels"], cfg["sr_ratio"],
+                                      cfg["out_channels"])
+
+
+def _dmca_inputs(cfg, rng):
+    b, d, c, H, W = (cfg[k] for k in ("batch", "dim", "shortcut_channels", "H", "W"))
+    x = {"x": rng.standard_normal((b, d, H, W)), "shortcut": rng.standard_normal((b, c, H, W))}
+    for key, (shape, _) in _dmca_shapes(cfg).items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "num_batches_tracked":
+            x[key] = np.array(0, dtype=np.int64)
+        elif leaf == "running_mean":
+            x[key] = rng.normal(0.0, 0.2, shape)
+        elif leaf == "running_var":
+            x[key] = rng.uniform(0.5, 1.5, shape)
+        elif leaf == "bias":
+            x[key] = rng.normal(0.0, 0.1, shape)
+        elif len(shape) == 1:                                  # norm weights
+            x[key] = rng.normal(1.0, 0.2, shape)
+        else:                                                  # conv weights
+            x[key] = rng.normal(0.0, 1.0 / math.sqrt(int(np.prod(shape[1:]))), shape)
+    return x
+
+
+def _dmca_forward(x, cfg, fns):
+    params = {k: v for k, v in x.items() if k not in ("x", "shortcut") and v is not None}
+    out, cache = fns["dmca_fwd"](x["x"], x["shortcut"], params, sr_ratio=int(cfg["sr_ratio"]),
+                                 out_channels=int(cfg["out_channels"]), norm=cfg["norm"])
+    return {"out": out}, cache
+
+
+def _dmca_backward(cot, cache, fns):
+    return fns["dmca_bwd"](cot["out"], cache)
+
+
 _SCAN_DEFAULTS = dict(batch=2, N=2, D=True, delta_bias=True, delta_softplus=True)
 
 OPS: dict[str, OpSpec] = {}
@@ -251,7 +288,7 @@ _register(OpSpec(
     inputs=dict(u="(batch, KD, L) input sequence", **_SCAN_DOC),
     outputs=dict(y="(batch, KD, L)"),
     differentiable=("u", "delta", "A", "B", "C", "D", "delta_bias"),
-    functions=("selective_scan_fwd", "selective_scan_bwd"),
+    functions=("selective_scan_fwd", "selective_scan_bwd"), optional=("D", "delta_bias"),
     make_inputs=_selective_scan_inputs, forward=_selective_scan_forward,
     backward=_selective_scan_backward))
 
@@ -297,7 +334,7 @@ _register(OpSpec(
                 D="(4*Di,) skip weight (optional)", delta_bias="(4*Di,) (optional)"),
     outputs=dict(y="(batch, Di, H, W)"),
     differentiable=("x", "delta", "A", "B", "C", "D", "delta_bias"),
-    functions=("ss2d_scan_fwd", "ss2d_scan_bwd"),
+    functions=("ss2d_scan_fwd", "ss2d_scan_bwd"), optional=("D", "delta_bias"),
     make_inputs=_ss2d_inputs, forward=_ss2d_forward, backward=_ss2d_backward))
 
 _register(OpSpec(
@@ -327,7 +364,7 @@ _register(OpSpec(
                 bias="(heads, N, N) relative position bias", mask="(nW, N, N) of 0/-100 (no gradient)"),
     outputs=dict(out="(batch*nW, heads, N, head_dim)"),
     differentiable=("q", "k", "v", "bias"),
-    functions=("window_attention_fwd", "window_attention_bwd"),
+    functions=("window_attention_fwd", "window_attention_bwd"), optional=("mask",),
     make_inputs=_window_attention_inputs, forward=_window_attention_forward,
     backward=_window_attention_backward))
 
@@ -360,8 +397,29 @@ _register(OpSpec(
             "mask": "(nW, N, N) attn_mask of 0/-100 (no gradient; absent when shift = 0)"},
     outputs=dict(out="(batch, H*W, C)"),
     differentiable=("x",) + tuple(ref_wa.WINDOW_MSA_PARAM_KEYS),
-    functions=("window_msa_fwd", "window_msa_bwd"),
+    functions=("window_msa_fwd", "window_msa_bwd"), optional=("mask",),
     make_inputs=_window_msa_inputs, forward=_window_msa_forward, backward=_window_msa_backward))
+
+_DMCA_DEFAULTS = dict(batch=2, dim=8, shortcut_channels=16, sr_ratio=2, out_channels=16, H=6, W=6,
+                      norm="group")
+_DMCA_SHAPES = ref_dmca.dmca_param_shapes(8, 16, 2, 16)       # every key (sr_ratio > 1)
+_register(OpSpec(
+    name="dmca",
+    summary="SparX's ganglion input path: d_proj(d_norm(shortcut)) -> k_in, v_in; q, k (spatially "
+            "reduced), v; grouped channel attention; cat[x or q, attn, v]; channel shuffle; in_proj; "
+            "channel padding to out_channels (eval-mode BatchNorm)",
+    upstream="LMMMEng/SparX SparXSS2D.forward (is_cross_layer branch); sparx_ref.ref.dmca.dmca_fwd",
+    defaults=_DMCA_DEFAULTS,
+    semantic=("sr_ratio", "out_channels", "norm"),
+    inputs={"x": "(batch, dim, H, W) the normed block input",
+            "shortcut": "(batch, shortcut_channels, H, W) the concatenated earlier outputs",
+            **{k: f"{shape} released parameter{' (BatchNorm buffer, no gradient)' if kind == 'buffer' else ''}"
+               for k, (shape, kind) in _DMCA_SHAPES.items()}},
+    outputs=dict(out="(batch, out_channels, H, W)"),
+    differentiable=("x", "shortcut") + tuple(k for k, (_, kind) in _DMCA_SHAPES.items() if kind == "param"),
+    functions=("dmca_fwd", "dmca_bwd"),
+    optional=tuple(k for k in _DMCA_SHAPES if k.startswith(("q.0.", "k.0."))),   # only when sr_ratio > 1
+    make_inputs=_dmca_inputs, forward=_dmca_forward, backward=_dmca_backward))
 
 
 def op_config(name: str, overrides: dict | None = None) -> dict:
