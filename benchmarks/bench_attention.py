@@ -28,7 +28,7 @@ import json
 import math
 import os
 import platform
-import statistics
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,79 +41,12 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-# ---------------------------------------------------------------------------------------
-# timing helpers (benchmarks/common.py is the shared home for these; minimal versions
-# here keep this script runnable on its own)
-# ---------------------------------------------------------------------------------------
+from benchmarks.common import (copy_bandwidth_gbs, fmt_table, fp32_matmul_tflops, median_ms,  # noqa: E402
+                               use_cupy_pool_for_numba)
 
-
-def median_ms(fn, reps=30, warmup=5):
-    """Median over ``reps`` calls of the CUDA-event time of one call, after ``warmup`` calls."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def copy_bandwidth_gbs(nbytes=1 << 30):
-    """Device-to-device copy: (bytes read + bytes written) / median time."""
-    import torch
-    x = torch.randn(nbytes // 4, device="cuda")
-    y = torch.empty_like(x)
-    ms = median_ms(lambda: y.copy_(x), reps=20, warmup=3)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def fp32_matmul_tflops(n=8192):
-    """fp32 matmul rate with TF32 off (the FFMA rate kernels without tensor cores can reach)."""
-    import torch
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    a = torch.randn(n, n, device="cuda")
-    b = torch.randn(n, n, device="cuda")
-    ms = median_ms(lambda: a @ b, reps=10, warmup=2)
-    return 2 * n ** 3 / (ms * 1e-3) / 1e12
-
-
-# ---------------------------------------------------------------------------------------
-# Numba allocations through CuPy's pool (numba's own allocator calls cuMemFree, which
-# synchronises the device, between timed calls)
-# ---------------------------------------------------------------------------------------
-def use_cupy_pool_for_numba():
-    import ctypes
-
-    import cupy
-    from numba import cuda
-    from numba.cuda import GetIpcHandleMixin, HostOnlyCUDAMemoryManager, MemoryPointer
-
-    class CupyPool(GetIpcHandleMixin, HostOnlyCUDAMemoryManager):
-        def memalloc(self, size):
-            mem = cupy.cuda.alloc(size)
-
-            def release(mem=mem):
-                del mem
-            return MemoryPointer(self.context, ctypes.c_void_p(int(mem.ptr)), size, finalizer=release)
-
-        def initialize(self):
-            pass
-
-        def get_memory_info(self):
-            free, total = cupy.cuda.runtime.memGetInfo()
-            return free, total
-
-        @property
-        def interface_version(self):
-            return 1
-
-    cuda.set_memory_manager(CupyPool)
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Attention kernels"
+BLOCK = ("<!-- attention:bench -->", "<!-- /attention:bench -->")
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,12 +349,54 @@ def _print(title, prob, rows, floors):
               f"{f('rel_err_out_vs_f64', '{:8.1e}')}")
 
 
+def markdown(results):
+    """The Markdown tables of one run (what RESULTS.md's attention block holds)."""
+    out = [f"Card: {results['card']}, {results['date']}; measured in the same run: copy "
+           f"{results['copy_gbs']:.0f} GB/s, fp32 matmul (TF32 off) {results['fp32_tflops']:.1f} TFLOP/s. "
+           "frac = floor / time; /expl, /sdpa = torch time / kernel time (> 1: kernel faster)."]
+    for item in results["problems"]:
+        prob, rows = item["problem"], item["rows"]
+        k = next(r for r in rows if "fwd_floor_ms" in r)
+        out.append(f"\n**{prob['name']}** (floor: fwd {k['fwd_floor_ms']:.4f} ms, fwd+bwd {k['fwdbwd_floor_ms']:.4f} ms)\n")
+        body = []
+        for r in rows:
+            if r["label"].lstrip().startswith("sweep"):
+                continue                           # the sweeps stay in the log / JSON
+            g = lambda key: r.get(key, "")  # noqa: E731
+            body.append([r["label"].strip(), r["fwd_ms"], g("fwd_frac"), g("fwd_vs_explicit"), g("fwd_vs_sdpa"),
+                         r["fwdbwd_ms"], g("fwdbwd_frac"), g("fwdbwd_vs_explicit"), g("fwdbwd_vs_sdpa")])
+        out.append(fmt_table(["version", "fwd ms", "frac", "/expl", "/sdpa", "fwd+bwd ms", "frac", "/expl", "/sdpa"],
+                             body))
+    if "numba_overheads_us" in results:
+        out.append("\nNumba host cost per call (us): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in results["numba_overheads_us"].items()))
+    return "\n".join(out)
+
+
+def write_results(text):
+    """Replace this script's block in RESULTS.md's "Attention kernels" section (others untouched)."""
+    start, end = BLOCK
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if start in old:
+        new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
+    elif SECTION in old:
+        head, rest = old.split(SECTION, 1)
+        nxt = re.search(r"^## ", rest, flags=re.M)
+        cut = nxt.start() if nxt else len(rest)
+        new = head + SECTION + rest[:cut].rstrip() + "\n\n" + block + "\n\n" + rest[cut:]
+    else:
+        new = old.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
+    RESULTS.write_text(new.rstrip() + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (defeats L2 reuse)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' block size and slab count")
+    ap.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     ap.add_argument("--numba-own-allocator", action="store_true",
                     help="keep Numba's default allocator (its frees synchronise the device)")
     args = ap.parse_args(argv)
@@ -450,6 +425,10 @@ def main(argv=None):
     results["numba_overheads_us"] = over
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    print("\n" + text)
+    if not args.no_results:
+        write_results(text)
     return results
 
 

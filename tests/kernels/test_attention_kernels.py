@@ -283,3 +283,143 @@ def test_bad_input_is_named(device, backend, rng):
     with pytest.raises(TypeError, match="int32"):
         xi = dev.put(np.ones((1, 4, 5), np.int32))
         mod.dmca_attention_fwd(xi, xi, xi, groups=2)
+
+
+# --------------------------------------------------------------------------------------
+# the CuPy CUDA C on the CPU: a small emulation (one std::thread per CUDA thread, barriers for
+# __syncthreads and warp shuffles), so CI checks the CUDA C of the window kernels without a GPU
+# --------------------------------------------------------------------------------------
+_EMU_HEADER = r"""
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <cmath>
+#include <algorithm>
+#include <memory>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
+static std::unique_ptr<std::barrier<>> g_block_bar;
+static std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
+static double g_xchg[1024];
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+#define __restrict__
+using std::min; using std::max; using std::fmax;
+inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+template <class T> T __shfl_xor_sync(unsigned, T x, int o) {
+    const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
+    g_xchg[tid] = (double)x;
+    g_warp_bar[w]->arrive_and_wait();
+    T y = (T)g_xchg[w * 32 + (lane ^ o)];
+    g_warp_bar[w]->arrive_and_wait();
+    return y;
+}
+template <class F> void launch(dim3 grid, dim3 block, F f) {
+    gridDim = grid; blockDim = block;
+    for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+        g_block_bar = std::make_unique<std::barrier<>>(block.x);
+        g_warp_bar.clear();
+        for (unsigned w = 0; w < (block.x + 31) / 32; ++w) g_warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < block.x; ++t)
+            ts.emplace_back([=]() { threadIdx = dim3{t, 0, 0}; blockIdx = dim3{bx, by, bz}; f(); });
+        for (auto& t : ts) t.join();
+    }
+}
+"""
+
+_EMU_HARNESS = r"""
+namespace generic {
+#include "generic.cu"
+}
+namespace fixed {
+#include "static.cu"
+}
+typedef float R;
+extern "C" void fused_fwd(const R* q, const R* k, const R* v, const R* bias, const R* mask, R* out, R* probs,
+                          int Bw, int nH, int N, int HD, int nW, int has_mask, int DC, R scale, int threads) {
+    launch(dim3{(unsigned)(Bw * nH), 1, 1}, dim3{(unsigned)threads, 1, 1}, [=]() {
+        generic::window_fwd_fused(q, k, v, bias, mask, out, probs, nH, N, HD, nW, has_mask, DC, scale); });
+}
+extern "C" void fused_bwd(const R* q, const R* k, const R* v, const R* probs, const R* dout, R* dq, R* dk, R* dv,
+                          R* partial, int npart, int Bw, int nH, int N, int HD, int DC, R scale, int threads) {
+    launch(dim3{(unsigned)npart, (unsigned)nH, 1}, dim3{(unsigned)threads, 1, 1}, [=]() {
+        generic::window_bwd_fused(q, k, v, probs, dout, dq, dk, dv, partial, Bw, nH, N, HD, DC, scale); });
+}
+extern "C" void static_fwd(const R* q, const R* k, const R* v, const R* bias, const R* mask, R* out, R* probs,
+                           int Bw, int nH, int nW, int has_mask, R scale) {
+    launch(dim3{(unsigned)(Bw * nH), 1, 1}, dim3{WT, 1, 1}, [=]() {
+        fixed::window_fwd_static(q, k, v, bias, mask, out, probs, nH, nW, has_mask, scale); });
+}
+extern "C" void static_bwd(const R* q, const R* k, const R* v, const R* probs, const R* dout, R* dq, R* dk, R* dv,
+                           R* partial, int npart, int Bw, int nH, R scale) {
+    launch(dim3{(unsigned)npart, (unsigned)nH, 1}, dim3{WT, 1, 1}, [=]() {
+        fixed::window_bwd_static(q, k, v, probs, dout, dq, dk, dv, partial, Bw, nH, scale); });
+}
+"""
+
+_EMU_SHAPE = dict(Bw=6, nH=2, N=9, hd=12, nW=3, threads=64, npart=4)
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda_c(tmp_path_factory):
+    """The CuPy module's float32 CUDA C (generic + static at _EMU_SHAPE) built for the CPU."""
+    import ctypes
+    import shutil
+    import subprocess
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the CPU emulation of the CUDA C")
+    src = importlib.import_module("sparx_ref.kernels.cupy.attention").CUDA_SOURCES
+    d = tmp_path_factory.mktemp("cuda_emu")
+    generic = src["attention_f32"].replace("extern __shared__ unsigned char smem_raw[];",
+                                           "alignas(16) static unsigned char smem_raw[1 << 16];")
+    (d / "generic.cu").write_text(generic)
+    (d / "static.cu").write_text(src["attention_static_f32"])
+    (d / "harness.cpp").write_text(_EMU_HEADER + _EMU_HARNESS)
+    s = _EMU_SHAPE
+    dc = importlib.import_module("sparx_ref.kernels.cupy.attention")._static_chunk(s["N"], s["hd"], 4, 2)
+    lib = d / "emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-w", "-shared", "-fPIC", "-pthread", f"-DWN={s['N']}", f"-DWHD={s['hd']}",
+           f"-DWDC={dc}", f"-DWT={s['threads']}", str(d / "harness.cpp"), "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
+    if res.returncode != 0 and "barrier" in res.stderr:
+        pytest.skip("this g++ has no C++20 <barrier>")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ctypes.CDLL(str(lib)), dc
+
+
+@pytest.mark.parametrize("version", ["fused", "static"])
+def test_cupy_window_cuda_c_on_cpu_emulation(emulated_cuda_c, version, rng):
+    import ctypes
+    lib, dc_static = emulated_cuda_c
+    s = _EMU_SHAPE
+    Bw, nH, N, hd, nW = s["Bw"], s["nH"], s["N"], s["hd"], s["nW"]
+    inputs, dout = _window_case(rng, 3, nH, hd, Bw // nW, nW, True)
+    x = {k: a.astype(np.float32) for k, a in inputs.items()}
+    d = dout.astype(np.float32)
+    ref_out, ref_cache = ref_wa.window_attention_fwd(**{k: a.astype(np.float64) for k, a in x.items()})
+    ref_g = ref_wa.window_attention_bwd(d.astype(np.float64), ref_cache)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    nan = lambda *shape: np.full(shape, np.nan, np.float32)  # noqa: E731
+    out, probs = nan(Bw, nH, N, hd), nan(Bw, nH, N, N)
+    dq, dk, dv, part = nan(Bw, nH, N, hd), nan(Bw, nH, N, hd), nan(Bw, nH, N, hd), nan(s["npart"], nH, N, N)
+    scale = ctypes.c_float(hd ** -0.5)
+    q, k, v, bias, mask = (x[n] for n in ("q", "k", "v", "bias", "mask"))
+    if version == "fused":
+        lib.fused_fwd(p(q), p(k), p(v), p(bias), p(mask), p(out), p(probs), Bw, nH, N, hd, nW, 1, 8, scale,
+                      s["threads"])
+        lib.fused_bwd(p(q), p(k), p(v), p(probs), p(d), p(dq), p(dk), p(dv), p(part), s["npart"], Bw, nH, N, hd, 8,
+                      scale, s["threads"])
+    else:
+        lib.static_fwd(p(q), p(k), p(v), p(bias), p(mask), p(out), p(probs), Bw, nH, nW, 1, scale)
+        lib.static_bwd(p(q), p(k), p(v), p(probs), p(d), p(dq), p(dk), p(dv), p(part), s["npart"], Bw, nH, scale)
+    assert_close(out, ref_out, np.float32, "kernel", name=f"{version} out")
+    assert_close(probs, ref_cache["probs"], np.float32, "kernel", name=f"{version} probs")
+    for name, got in (("q", dq), ("k", dk), ("v", dv), ("bias", part.sum(axis=0))):
+        assert_close(got, ref_g[name], np.float32, "kernel", name=f"{version} d{name}")
