@@ -258,15 +258,17 @@ def normalize(images: np.ndarray) -> np.ndarray:
 # The training recipe of lesson 6.
 # ------------------------------------------------------------------------------------
 
-# A small SparX-Mamba for 32x32 inputs. Stem stride 4 -> 8x8, then 4x4, 2x2, 1x1.
-# Ganglion layers: stage 1 block 1, stage 2 blocks 0 and 1, stage 3 block 0.
+# A small SparX-Mamba for 32x32 inputs. Stem stride 4 -> 8x8, then 4x4, 2x2, 1x1 maps.
+# Ganglion layers (by the released wiring rule): stage 1 block 1 <- [stage input, s1.l0];
+# stage 2 block 0 <- [stage input], block 2 <- [s2.l1, s2.l0]; stage 3 block 0 <- [stage input].
+# 335k parameters; about 18 s per epoch of 6,000 images on 2 cores (batch 128).
 SMALL_SPARX_MAMBA = dict(
-    depths=[1, 2, 2, 1],
-    dims=[24, 48, 64, 96],
+    depths=[1, 2, 3, 1],
+    dims=[16, 32, 48, 64],
     stem_type="v1",
     sr_ratio=[8, 2, 1, 1],
     ls_init_value=[None, None, 1, 1],
-    dense_config=dict(dense_step=[1, 1, 1, 1], dense_start=[100, 1, 0, 0],
+    dense_config=dict(dense_step=[1, 1, 2, 1], dense_start=[100, 1, 0, 0],
                       max_dense_depth=[100, 100, 3, 100], cross_stage=[False] * 4),
     num_classes=NUM_CLASSES,
 )
@@ -277,8 +279,10 @@ class TrainResult:
     model: object                 # the trained torch model (eval mode)
     train_accuracy: float
     test_accuracy: float
-    seconds: float
-    history: list                 # per epoch: dict(epoch, loss, train_acc, seconds)
+    seconds: float                # wall-clock training time (evaluation excluded)
+    cpu_seconds: float            # CPU time of this process during training, all threads
+    threads: int                  # torch intra-op threads used
+    history: list                 # per epoch: dict(epoch, loss, train_acc, seconds[, test_acc])
     config: dict
 
 
@@ -297,16 +301,20 @@ def evaluate(model, dataset: SyntheticDataset, batch_size: int = 500) -> float:
 
 def train_small_sparx_mamba(train: SyntheticDataset | None = None,
                             test: SyntheticDataset | None = None, *,
-                            epochs: int = 6, batch_size: int = 64, lr: float = 3e-3,
+                            epochs: int = 5, batch_size: int = 128, lr: float = 3e-3,
                             weight_decay: float = 0.05, seed: int = 0,
                             config: dict | None = None, threads: int | None = 2,
-                            progress: bool = False, time_limit: float | None = None) -> TrainResult:
+                            progress: bool = False, time_limit: float | None = None,
+                            eval_each_epoch: bool = False) -> TrainResult:
     """Train the small SparX-Mamba twin on the synthetic data; return the model and accuracies.
 
-    Recipe: AdamW (lr 3e-3, weight decay 0.05 on weights, none on norms/biases/A_logs/Ds),
-    one-cycle cosine schedule with 5% warm-up, label smoothing 0.05, random horizontal
-    shifts of up to 2 pixels (flips would swap classes 0/1 and 8/9, so none), float32.
-    ``time_limit`` (seconds) stops early between batches if exceeded.
+    Recipe: :data:`SMALL_SPARX_MAMBA`, 5 epochs of 6,000 images, batch 128, AdamW (lr 3e-3,
+    weight decay 0.05 on weights, none on norms/biases/A_logs/Ds), one-cycle cosine schedule
+    with 5% warm-up, label smoothing 0.05, random translations of up to 2 pixels (no flips:
+    a mirror image swaps classes 0/1 and 8/9), float32. Measured on 2 cores of a Xeon: about
+    90 s, held-out accuracy about 98% (8 epochs: 99.9%).
+    ``time_limit`` (seconds) stops early between batches if exceeded. ``eval_each_epoch``
+    adds the held-out accuracy to every epoch's history entry (costs one evaluation each).
     """
     import torch
     import torch.nn.functional as F
@@ -343,11 +351,13 @@ def train_small_sparx_mamba(train: SyntheticDataset | None = None,
     pad = 2
     history = []
     start = time.perf_counter()
+    cpu_start = time.process_time()
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="training", unit="batch")
     stopped = False
+    eval_seconds = eval_cpu = 0.0          # time spent on per-epoch evaluation, not training
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(len(train))
@@ -367,22 +377,28 @@ def train_small_sparx_mamba(train: SyntheticDataset | None = None,
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
             if bar is not None:
                 bar.update(1)
-            if time_limit is not None and time.perf_counter() - start > time_limit:
+            if time_limit is not None and time.perf_counter() - start - eval_seconds > time_limit:
                 stopped = True
                 break
         history.append(dict(epoch=epoch, loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
-                            seconds=time.perf_counter() - start))
+                            seconds=time.perf_counter() - start - eval_seconds))
+        if eval_each_epoch:
+            t0, c0 = time.perf_counter(), time.process_time()
+            history[-1]["test_acc"] = evaluate(model, test)
+            eval_seconds += time.perf_counter() - t0
+            eval_cpu += time.process_time() - c0
         if stopped:
             break
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - eval_seconds
+    cpu_seconds = time.process_time() - cpu_start - eval_cpu
     model.eval()
     return TrainResult(model=model, train_accuracy=history[-1]["train_acc"],
-                       test_accuracy=evaluate(model, test), seconds=seconds,
-                       history=history, config=cfg)
+                       test_accuracy=evaluate(model, test), seconds=seconds, cpu_seconds=cpu_seconds,
+                       threads=torch.get_num_threads(), history=history, config=cfg)
