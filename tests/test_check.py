@@ -473,3 +473,32 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert cli.main(["golden", "cross_scan", "--config", '{"colour": 1}', "-o", str(tmp_path)]) == 2
     assert cli.main(["check", str(tmp_path / "nowhere"), str(tmp_path / "r.npz")]) == 2
     capsys.readouterr()
+
+
+def test_check_torch_module_options(rng):
+    torch = pytest.importorskip("torch")
+    from sparx_ref.check import check_torch_module
+    from sparx_ref.torch_models import build_model
+
+    cfg = {k: v for k, v in model_config("sparx_swin").items() if k != "input_shape"}
+    # the module's own weights go into the oracle instead; a user-given input (batch 1)
+    twin = build_model("sparx_swin", **cfg).to(torch.float64)
+    own = {k: v.clone() for k, v in twin.state_dict().items()}
+    report = check_torch_module(twin, "sparx_swin", load_weights=False,
+                                input=torch.tensor(rng.standard_normal((1, 3, 56, 56))))
+    assert report.passed and report["act.patch_embed"].shape == (1, 196, 12)
+    assert all(torch.equal(own[k], v) for k, v in twin.state_dict().items())   # weights untouched
+    # released key names are required; the error lists what did not match
+    with pytest.raises(ValueError, match=r"released key names.*lacks 68 of the oracle's \[patch_embed"):
+        check_torch_module(torch.nn.Sequential(torch.nn.Linear(2, 2)), "swin")
+
+
+def test_cli_golden_all_and_help(tmp_path, capsys):
+    assert cli.main(["golden", "--help"]) == 0 and "OP_OR_MODEL" in capsys.readouterr().out
+    assert cli.main(["check", "--help"]) == 0
+    assert cli.main(["golden", "all", "--no-grad", "-o", str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(list(OPS) + list(MINI_CONFIGS))
+    manifest = json.loads((tmp_path / "swin" / "manifest.json").read_text())
+    assert manifest["kind"] == "model" and not any(k.startswith("grad.") for k in manifest["results"])
+    assert "cot.logits" not in manifest["keys"]

@@ -117,6 +117,15 @@ def _load_weights(module, state_dict):
     param = next(module.parameters())
     tsd = to_torch_state_dict(state_dict, param.dtype)
     tsd = OrderedDict((k, v.to(param.device)) for k, v in tsd.items())
+    own = list(module.state_dict())
+    missing = [k for k in own if k not in tsd]                  # in state_dict order
+    unexpected = [k for k in tsd if k not in set(own)]
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
+        raise ValueError(f"could not load the oracle's weights (released key names) into your module: "
+                         f"your module has {len(missing)} keys the oracle lacks [{show(missing)}] and "
+                         f"lacks {len(unexpected)} of the oracle's [{show(unexpected)}]")
     try:
         module.load_state_dict(tsd, strict=True)
     except (RuntimeError, KeyError, ValueError) as err:
