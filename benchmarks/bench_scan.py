@@ -288,6 +288,49 @@ def bench_cpu(rows, results, threads=2):
                         cpu_copy_gbs=bw / 1e9, floor_ms=floor, frac=floor / t_kernel, err=err, threads=threads))
 
 
+def acceptance(results):
+    """The issue's acceptance criteria, evaluated on this run's numbers (lines of text)."""
+    out = []
+    by = {}
+    for r in results:
+        by.setdefault(r.get("section"), []).append(r)
+    scan = by.get("scan", [])
+    for (b, KD, L) in SCAN_SHAPES:
+        shape = f"{b}x{KD}x{L}"
+        rows = [r for r in scan if r["shape"] == shape]
+        fwd = {r["impl"].split("/")[0]: r for r in rows if r["impl"].endswith("/warp")}
+        fb = {r["impl"].split("/")[0]: r for r in rows if r["impl"].endswith("default fwd+bwd")}
+        if not fwd:
+            continue
+        best = max(fwd, key=lambda k: fwd[k]["frac"])
+        need = 0.3 if L == 49 else 0.5
+        other = [k for k in fwd if k != best]
+        ratio = max((fwd[best]["frac"] / fwd[k]["frac"] for k in other), default=1.0)
+        out.append(f"{'PASS' if fwd[best]['frac'] >= need else 'FAIL'} scan fwd {shape}: {best} "
+                   f"{fwd[best]['frac']:.0%} of floor (need {need:.0%}); other backend {ratio:.2f}x slower "
+                   f"({'ok' if ratio <= 1.5 else 'over 1.5x'})")
+        if fb:
+            bestfb = max(fb, key=lambda k: fb[k]["frac"])
+            ratio = max((fb[bestfb]["frac"] / fb[k]["frac"] for k in fb if k != bestfb), default=1.0)
+            out.append(f"{'PASS' if fb[bestfb]['frac'] >= 0.35 else 'FAIL'} scan fwd+bwd {shape}: {bestfb} "
+                       f"{fb[bestfb]['frac']:.0%} of floor (need 35%); other backend {ratio:.2f}x slower")
+    for op in ("cross_scan", "cross_merge"):
+        rows = [r for r in by.get("cross", []) if r.get("op") == op and r["impl"].endswith("/tiled")]
+        if rows:
+            best = max(rows, key=lambda r: r["frac"])
+            out.append(f"{'PASS' if best['frac'] >= 0.6 else 'FAIL'} {op}: {best['impl']} {best['frac']:.0%} "
+                       f"of floor (need 60%)")
+    for r in by.get("ss2d", []):
+        if "fused_speedup" in r:
+            out.append(f"{'PASS' if r['fused_speedup'] >= 1.3 else 'FAIL'} ss2d fused fwd {r['impl']}: "
+                       f"{r['fused_speedup']:.2f}x faster than composed (need 1.3x)")
+    for r in by.get("cpu", []):
+        out.append(f"{'PASS' if r['speedup'] >= 4 else 'FAIL'} numba_cpu scan fwd: {r['speedup']:.1f}x the "
+                   f"reference on {r['threads']} threads (need 4x); {r['frac']:.0%} of the CPU copy floor "
+                   f"({r['cpu_copy_gbs']:.1f} GB/s)")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all numbers here")
@@ -320,8 +363,10 @@ def main(argv=None):
     if "cpu" in only:
         bench_cpu(rows, results, args.cpu_threads)
     print(common.fmt_table(["problem", "impl", "ms", "floor ms", "frac of floor", "x vs torch/ref"], rows))
+    for line in acceptance(results):
+        print("#", line)
     for r in results:
-        if r.get("section") in ("check",) or "fused_speedup" in r or r.get("section") == "cpu":
+        if r.get("section") == "check":
             print("#", json.dumps(r))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(meta=meta, results=results, rows=rows), indent=1))
