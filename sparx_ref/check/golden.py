@@ -231,7 +231,7 @@ def write_golden(name: str, out_dir, config: dict | None = None, dtype="float64"
                     "max|got - ref| / max|ref|; a tensor passes when that is <= its tolerance."),
         how_to=("Load golden.npz, run your implementation on the in.* arrays"
                 + (" with the param.* weights (load_state_dict)" if kind == "model" else "")
-                + f" and the config above, save your outputs under the keys listed in 'results' "
+                + " and the config above, save your outputs under the keys listed in 'results' "
                   "(np.savez('results.npz', **{key: array})), then run: sparx-ref check DIR results.npz. "
                   "out.* and required act.* keys must be present; grad.* keys are checked when any is "
                   "present (then all of them). Inputs are float32-exact, so a float32 implementation "
@@ -420,7 +420,7 @@ def check(name: str, inputs: dict, outputs: dict, grads: dict | None = None, dty
                          "product with the outputs was summed and differentiated)")
     if name in OPS:
         spec = OPS[name]
-        cfg = op_config(name, {k: v for k, v in (config or {}).items()})
+        cfg = op_config(name, config)
         unknown = sorted(set(inputs) - set(spec.inputs))
         if unknown:
             raise ValueError(f"{name}: unknown input(s) {unknown}; the op takes {list(spec.inputs)}")
@@ -439,6 +439,9 @@ def check(name: str, inputs: dict, outputs: dict, grads: dict | None = None, dty
     if not is_model(name):
         raise ValueError(f"unknown op or model {name!r}; expected one of {available_names()}")
     cfg = model_config(name, config)
+    if "x" not in inputs or set(inputs) - {"x", "state_dict"}:
+        raise ValueError(f"{name}: inputs must be {{'x': images, 'state_dict': weights (optional)}}, "
+                         f"got keys {sorted(inputs)}")
     x = _to_numpy(inputs["x"])
     cot = None
     if grads:
