@@ -663,6 +663,10 @@ __device__ __forceinline__ void chunk_store(real* __restrict__ dst, i64 base, in
     }
 }
 
+/* W_ONLY_FWD / W_ONLY_BWD: the forward and the backward pick their own chunk width (the
+ * backward holds two N x N tables), so each is compiled alone at run time; the default
+ * (neither defined, as in the compile check) builds both. */
+#ifndef W_ONLY_BWD
 extern "C" __global__ void __launch_bounds__(WT)
 window_fwd_static(const real* __restrict__ q, const real* __restrict__ k, const real* __restrict__ v,
                   const real* __restrict__ bias, const real* __restrict__ mask, real* __restrict__ out,
@@ -774,6 +778,9 @@ window_fwd_static(const real* __restrict__ q, const real* __restrict__ k, const 
     }
 }
 
+#endif  /* W_ONLY_BWD */
+
+#ifndef W_ONLY_FWD
 extern "C" __global__ void __launch_bounds__(WT)
 window_bwd_static(const real* __restrict__ q, const real* __restrict__ k, const real* __restrict__ v,
                   const real* __restrict__ probs, const real* __restrict__ dout, real* __restrict__ dq,
@@ -898,6 +905,7 @@ window_bwd_static(const real* __restrict__ q, const real* __restrict__ k, const 
         if (e < WN * WN) slab[e] = breg[u];
     }
 }
+#endif  /* W_ONLY_FWD */
 """
 
 
@@ -960,7 +968,8 @@ def _static_fn(dtype, name, N, hd, DC, threads):
     kern = _MODULES.get(key)
     if kern is None:
         src = CUDA_SOURCES["attention_static_f32" if dt == "float32" else "attention_static_f64"]
-        defs = (f"-DWN={N}", f"-DWHD={hd}", f"-DWDC={DC}", f"-DWT={threads}")
+        only = "-DW_ONLY_FWD" if name == "window_fwd_static" else "-DW_ONLY_BWD"
+        defs = (f"-DWN={N}", f"-DWHD={hd}", f"-DWDC={DC}", f"-DWT={threads}", only)
         kern = cp.RawKernel(src, name, options=NVRTC_OPTIONS + defs)
         _MODULES[key] = kern
     return kern
