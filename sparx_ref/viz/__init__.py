@@ -9,7 +9,10 @@ pyplot state; files are rendered by the Agg canvas), returns it, and saves it wh
            :func:`feature_maps`
 - windows: :func:`shifted_window_regions`
 - costs:   :func:`cross_layer_cost`, :func:`cost_plot`
+- flow:    measurements on a trained PyTorch twin (:mod:`sparx_ref.viz.flow`): ablation
+           contributions, d_proj weight shares, source vs aggregated feature maps
 """
+from . import flow
 from .costs import cost_plot, cross_layer_cost
 from .maps import (dmca_attention_maps, feature_maps, query_attention, scan_attention_maps,
                    scan_orders, scan_pixel_order)
