@@ -752,8 +752,11 @@ def _ptx_kernels():
         }
         for name, args in sigs.items():
             out.append((f"{name}_{tn}", ks[name].py_func, f"void({', '.join(args)})"))
-        # the static rung at its benchmark shape (each shape compiles the same code)
-        st = _build_static(T, 49, 32, 32 if tn == "float32" else 4, 128)
+        # the static rung at its benchmark shape, float32 only: every shape and dtype compiles
+        # the same code, and these two take ~20 s of the CI budget
+        if tn != "float32":
+            continue
+        st = _build_static(T, 49, 32, 32, 128)
         out.append((f"window_fwd_static_{tn}", st["window_fwd_static"].py_func,
                     f"void({', '.join([a] * 7 + [i64] * 3 + [tn])})"))
         out.append((f"window_bwd_static_{tn}", st["window_bwd_static"].py_func,
