@@ -391,6 +391,23 @@ def test_ganglion_sources_in_wrong_order_are_caught(goldens, tmp_path, monkeypat
     assert "gradients not checked" in proc.stdout
 
 
+def test_sparx_swin_sources_in_wrong_order_are_caught(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from sparx_ref.check import check_torch_module
+    from sparx_ref.torch_models import build_model
+    from sparx_ref.torch_models import sparx_swin as twin_sparx_swin
+
+    good = twin_sparx_swin.SparXSwinBlock.mix_input
+    monkeypatch.setattr(twin_sparx_swin.SparXSwinBlock, "mix_input",
+                        lambda self, u, shortcut: good(self, u, None if shortcut is None else shortcut[::-1]))
+    cfg = {k: v for k, v in model_config("sparx_swin").items() if k != "input_shape"}
+    report = check_torch_module(build_model("sparx_swin", **cfg).to(torch.float64), "sparx_swin")
+    # the first ganglion block; its DMCA's d_proj is the first tensor computed from the shortcut
+    assert report.first_divergence == "layers.1.blocks.1"
+    assert report.first_failure.key == "act.layers.1.blocks.1.dmca.d_proj"
+    assert report["act.layers.1.blocks.0"].passed
+
+
 def test_model_level_scan_bugs_are_located():
     """Scan-direction and softplus bugs inside the SparX-Mamba twin's kernels are located at
     the first block (every block scans)."""

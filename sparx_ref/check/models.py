@@ -135,6 +135,31 @@ def random_weights(model, rng) -> "OrderedDict[str, np.ndarray]":
     return state
 
 
+# Inside a block, the order in which the recorded tensors are computed (the models record a few
+# of them out of that order, e.g. the DMCA maps after the block output in SparX-Swin).
+_BLOCK_STEPS = ("dmca.d_proj", "dmca.attn", "dmca.in_proj_padded",            # SparX-Swin ganglion
+                "op.d_proj", "op.attn", "op.in_proj_padded", "op.ssm_out", "op",  # SparX-Mamba
+                "attn_in", "attn_probs", "attn", "mid")                          # (S)W-MSA
+_BLOCK_KEY = re.compile(r"^(layers\.\d+\.blocks\.\d+)(?:\.(.+))?$")
+
+
+def forward_order(recorded: "OrderedDict") -> "OrderedDict":
+    """Recorded activations in computation order: blocks in the order they ran, and inside a
+    block its steps as in ``_BLOCK_STEPS`` (unknown ones after them), the block output last."""
+    groups = OrderedDict()
+    for key in recorded:
+        m = _BLOCK_KEY.match(key)
+        groups.setdefault(m.group(1) if m else key, []).append(key)
+
+    def rank(key):
+        sub = _BLOCK_KEY.match(key).group(2) if _BLOCK_KEY.match(key) else None
+        if sub is None:
+            return len(_BLOCK_STEPS) + 1                      # the block output (or a non-block key)
+        return _BLOCK_STEPS.index(sub) if sub in _BLOCK_STEPS else len(_BLOCK_STEPS)
+
+    return OrderedDict((k, recorded[k]) for keys in groups.values() for k in sorted(keys, key=rank))
+
+
 def run_oracle(model, x: np.ndarray, cotangent: np.ndarray | None):
     """Forward (recording every block) and, with a cotangent, backward of the NumPy model.
 
@@ -143,7 +168,7 @@ def run_oracle(model, x: np.ndarray, cotangent: np.ndarray | None):
     """
     model.record = True
     logits = model.forward(x)
-    acts = OrderedDict(model.recorded)
+    acts = forward_order(model.recorded)
     model.record = False
     if cotangent is None:
         return logits, acts, None
@@ -156,4 +181,4 @@ def run_oracle(model, x: np.ndarray, cotangent: np.ndarray | None):
 
 
 __all__ = ["FAMILIES", "MINI_CONFIGS", "is_model", "model_config", "build_oracle", "random_weights",
-           "run_oracle", "required_activation", "family_of"]
+           "run_oracle", "forward_order", "required_activation", "family_of"]
