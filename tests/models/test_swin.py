@@ -413,3 +413,21 @@ def test_bad_config_errors(builder):
         builder("swin", embed_dim=10, depths=[1], num_heads=[3], img_size=32, window_size=4)
     with pytest.raises(ValueError, match="unknown model name"):
         builder("swin_x")
+
+
+def test_load_checkpoint_converts_timm_file(tmp_path, rng):
+    """sparx_ref.load_checkpoint on a timm-layout .pth (wrapped in {"model": ...}) returns
+    the released layout, which both implementations load strictly."""
+    from sparx_ref import load_checkpoint
+    kwargs = dict(img_size=32, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4, num_classes=3)
+    model = build_model("swin", **kwargs)
+    state = random_state(model, rng)
+    path = tmp_path / "swin_timm.pth"
+    torch.save({"model": to_torch_state(to_timm_layout(state))}, path)
+    loaded = load_checkpoint(path)
+    assert list(loaded) == [k for k in state if not k.endswith(("relative_position_index", "attn_mask"))]
+    fresh = build_model("swin", seed=5, **kwargs)
+    fresh.load_state_dict(loaded, strict=True)
+    for key, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(value, state[key], err_msg=key)
+    build_twin("swin", **kwargs).load_state_dict(to_torch_state(loaded), strict=True)
