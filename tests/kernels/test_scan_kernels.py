@@ -401,163 +401,162 @@ template <class F> void launch(dim3 grid, dim3 block, F f) {
 }
 """
 
-_EMU_HARNESS = r"""
-#include "scan.cu"
-typedef float R;
-static unsigned U(long v) { return (unsigned)v; }
-extern "C" void emu_scan_fwd(int version, const R* u, const R* delta, const R* A, const R* B, const R* C,
-                             const R* D, const R* bias, R* y, int batch, int KD, int L, int K, int sp, int warps) {
-    int rows = batch * KD;
-    if (version == 0)
-        launch(dim3{U((rows + 127) / 128)}, dim3{128}, [=]() { scan_fwd_naive(u, delta, A, B, C, D, bias, y, batch, KD, L, K, sp); });
-    else
-        launch(dim3{U((rows + warps - 1) / warps)}, dim3{U(32 * warps)},
-               [=]() { scan_fwd_warp(u, delta, A, B, C, D, bias, y, batch, KD, L, K, sp); });
-}
-extern "C" void emu_scan_bwd(const R* u, const R* delta, const R* A, const R* B, const R* C, const R* D,
-                             const R* bias, const R* dy, R* hstart, R* du, R* ddelta, R* partB, R* partC, R* partA,
-                             R* partD, R* partbias, int batch, int KD, int L, int K, int sp, int warps) {
-    int nblk = (KD / K + warps - 1) / warps;
-    launch(dim3{U(nblk), U(K), U(batch)}, dim3{U(32 * warps)}, [=]() {
-        scan_bwd_warp(u, delta, A, B, C, D, bias, dy, hstart, du, ddelta, partB, partC, partA, partD, partbias,
-                      batch, KD, L, K, sp); });
-}
-extern "C" void emu_sum_middle(const R* in, R* out, int outer, int P, int inner) {
-    launch(dim3{U((outer * inner + 255) / 256)}, dim3{256}, [=]() { sum_middle(in, out, outer, P, inner); });
-}
-extern "C" void emu_cross(int merge, int tiled, const R* src, R* dst, int batch, int C, int H, int W) {
-    if (tiled)
-        launch(dim3{U((W + 31) / 32), U((H + 31) / 32), U(batch * C)}, dim3{32, 8}, [=]() {
-            if (merge) cross_merge_tiled(src, dst, batch, C, H, W); else cross_scan_tiled(src, dst, batch, C, H, W); });
-    else
-        launch(dim3{U((batch * C * H * W + 255) / 256)}, dim3{256}, [=]() {
-            if (merge) cross_merge_naive(src, dst, batch, C, H, W); else cross_scan_naive(src, dst, batch, C, H, W); });
-}
-extern "C" void emu_ss2d_fwd(const R* x, const R* delta, const R* A, const R* B, const R* C, const R* D,
-                             const R* bias, R* y, int batch, int Di, int H, int W, int sp) {
-    int P = W | 1;
-    launch(dim3{U(batch * Di)}, dim3{64}, [=]() { ss2d_fwd_fused(x, delta, A, B, C, D, bias, y, batch, Di, H, W, P, sp); });
-}
-extern "C" void emu_ss2d_bwd(const R* x, const R* dy, const R* delta, const R* A, const R* B, const R* C,
-                             const R* D, const R* bias, R* hstart, R* dx, R* ddelta, R* dB, R* dC, R* partA,
-                             R* partD, R* partbias, int batch, int Di, int H, int W, int sp) {
-    int P = W | 1;
-    launch(dim3{U(batch * Di)}, dim3{64}, [=]() {
-        ss2d_bwd_fused(x, dy, delta, A, B, C, D, bias, hstart, dx, ddelta, dB, dC, partA, partD, partbias,
-                       batch, Di, H, W, P, sp); });
-}
-"""
+def _emu_harness(src):
+    """extern "C" k_NAME(gx, gy, gz, bx, by, <the kernel's parameters>) launching each kernel."""
+    import re
+    out = ['#include "scan.cu"']
+    for name, params in re.findall(r"__global__ void (\w+)\(([^)]*)\)", src):
+        names = [p.strip().split()[-1].lstrip("*") for p in params.split(",")]
+        out.append(f'extern "C" void k_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+                   f'{params}) {{ launch(dim3{{gx, gy, gz}}, dim3{{bx, by, 1}}, [=]() {{ {name}({", ".join(names)}); }}); }}')
+    return "\n".join(out)
 
-EMU_NSTATE, EMU_CHUNKS, EMU_WARPS = 2, 2, 4      # rounds of 64 steps; 4 channels per bwd block
+
+class _FakeCupy:
+    """Just enough of CuPy for sparx_ref.kernels.cupy.scan, on NumPy arrays, with RawModule
+    kernels built by g++ from the same CUDA C source and run by the std::thread emulation."""
+
+    def __init__(self, build):
+        import types
+        self.float32 = np.float32
+        self.asarray = np.asarray
+        self.ascontiguousarray = np.ascontiguousarray
+        self.zeros, self.empty, self.full = np.zeros, np.empty, np.full
+        self.cuda = types.SimpleNamespace(
+            Device=lambda: types.SimpleNamespace(attributes={"MaxSharedMemoryPerBlockOptin": 227 * 1024}))
+
+        class RawModule:
+            def __init__(self, code, options=()):
+                self.lib = build(code, tuple(options))
+
+            def get_function(self, name):
+                return _FakeKernel(self.lib, name)
+        self.RawModule = RawModule
+
+
+class _FakeKernel:
+    max_dynamic_shared_size_bytes = 48 * 1024
+
+    def __init__(self, lib, name):
+        self.fn = getattr(lib, f"k_{name}")
+        self.name = name
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        import ctypes
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (2 - len(block))
+        assert shared_mem <= 227 * 1024 and block[0] * block[1] <= 1024, (self.name, block, shared_mem)
+        conv = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                assert a.dtype == np.float32 and a.flags.c_contiguous, self.name
+                conv.append(ctypes.c_void_p(a.ctypes.data))
+            elif isinstance(a, (np.floating, float)):
+                conv.append(ctypes.c_float(a))
+            else:
+                conv.append(ctypes.c_int(int(a)))
+        self.fn(*[ctypes.c_uint(int(v)) for v in grid + block[:2]], *conv)
 
 
 @pytest.fixture(scope="module")
-def scan_cuda_c_on_cpu(tmp_path_factory):
-    """The CuPy module's CUDA C (NSTATE=2, CHUNKS=2) built for the CPU with g++ -std=c++20."""
+def fake_cupy(tmp_path_factory):
+    """sparx_ref.kernels.cupy.scan with a CPU stand-in for CuPy: its host code and its CUDA C
+    (compiled by g++ -std=c++20, one build per NVRTC option set, like the real module cache)."""
     import ctypes
     import shutil
     import subprocess
+    import sys
+    if kernels.runtime_missing("cupy") is None:
+        pytest.skip("a GPU is here: the CuPy backend is tested for real")
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("no g++ to build the CPU emulation of the CUDA C")
+    root = tmp_path_factory.mktemp("scan_emu")
+    built = {}
+
+    def build(code, options):
+        if options not in built:
+            src = code
+            for name in ("sred", "smem"):
+                src = src.replace(f"extern __shared__ float {name}[];", f"float* {name} = g_dyn_smem;")
+            d = root / f"b{len(built)}"
+            d.mkdir()
+            (d / "scan.cu").write_text(src)
+            (d / "harness.cpp").write_text(_EMU_HEADER + _emu_harness(code))
+            cmd = [cxx, "-std=c++20", "-O1", "-w", "-shared", "-fPIC", "-pthread", *options,
+                   str(d / "harness.cpp"), "-o", str(d / "emu.so")]
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
+            if res.returncode != 0 and ("barrier" in res.stderr or "atomic_ref" in res.stderr):
+                pytest.skip("this g++ lacks C++20 <barrier>/atomic_ref")
+            assert res.returncode == 0, res.stderr[-3000:]
+            built[options] = ctypes.CDLL(str(d / "emu.so"))
+        return built[options]
+
     from sparx_ref.kernels.cupy import scan as cupy_scan
-    src = cupy_scan.CUDA_SOURCES["scan"]
-    for name in ("sred", "smem"):
-        src = src.replace(f"extern __shared__ float {name}[];", f"float* {name} = g_dyn_smem;")
-    d = tmp_path_factory.mktemp("scan_emu")
-    (d / "scan.cu").write_text(src)
-    (d / "harness.cpp").write_text(_EMU_HEADER + _EMU_HARNESS)
-    lib = d / "emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-w", "-shared", "-fPIC", "-pthread", f"-DNSTATE={EMU_NSTATE}",
-           f"-DCHUNKS={EMU_CHUNKS}", str(d / "harness.cpp"), "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
-    if res.returncode != 0 and ("barrier" in res.stderr or "atomic_ref" in res.stderr):
-        pytest.skip("this g++ lacks C++20 <barrier>/atomic_ref")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return ctypes.CDLL(str(lib))
-
-
-def _ptr(a):
-    import ctypes
-    return a.ctypes.data_as(ctypes.c_void_p)
-
-
-def _nan(*shape):
-    return np.full(shape, np.nan, F32)
+    saved_modules, saved_cupy = dict(cupy_scan._MODULES), sys.modules.get("cupy")
+    cupy_scan._MODULES.clear()
+    sys.modules["cupy"] = _FakeCupy(build)
+    try:
+        yield cupy_scan
+    finally:
+        cupy_scan._MODULES.clear()
+        cupy_scan._MODULES.update(saved_modules)
+        if saved_cupy is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved_cupy
 
 
 @pytest.mark.parametrize("case", [
-    dict(batch=2, K=2, Dg=6, L=150, regime="normal", has_D=True, has_bias=True, seed=11),
-    dict(batch=1, K=1, Dg=3, L=1, regime="wide", has_D=False, has_bias=False, seed=12),
-    dict(batch=1, K=3, Dg=2, L=70, regime="near_one", has_D=True, has_bias=False, seed=13),
-], ids=["multi-round", "L1", "near-one"])
-def test_cupy_scan_cuda_c_on_cpu_emulation(scan_cuda_c_on_cpu, case):
-    lib = scan_cuda_c_on_cpu
+    dict(batch=1, K=2, Dg=9, N=2, L=200, regime="normal", has_D=True, has_bias=True, seed=11),
+    dict(batch=1, K=1, Dg=3, N=1, L=1, regime="wide", has_D=False, has_bias=False, seed=12),
+    dict(batch=1, K=3, Dg=2, N=1, L=70, regime="near_one", has_D=True, has_bias=False, seed=13),
+], ids=["multi-round-N2", "L1", "near-one"])
+def test_cupy_backend_on_cpu_emulation_selective_scan(fake_cupy, case):
+    """The whole CuPy backend (host code, launch configurations, CUDA C) on the CPU: Dg = 9
+    gives two channel blocks of 8 warps (7 idle warps), L = 200 two rounds of 128 steps."""
     rng = np.random.default_rng(case["seed"])
-    b, K, L, N = case["batch"], case["K"], case["L"], EMU_NSTATE
-    KD = K * case["Dg"]
-    args, sp = scan_inputs(rng, b, KD, L, K, N, case["regime"], case["has_D"], case["has_bias"])
+    KD = case["K"] * case["Dg"]
+    args, sp = scan_inputs(rng, case["batch"], KD, case["L"], case["K"], case["N"], case["regime"],
+                           case["has_D"], case["has_bias"])
     y_ref, c_ref = ref_scan.selective_scan_fwd(*f64(args), delta_softplus=sp)
     dy = rng.standard_normal(y_ref.shape).astype(F32)
     g_ref = ref_scan.selective_scan_bwd(dy.astype(np.float64), c_ref)
-    u, delta, A, B, C, D, bias = args
-    D = np.zeros(KD, F32) if D is None else D
-    bias = np.zeros(KD, F32) if bias is None else bias
-    ins = [_ptr(a) for a in (u, delta, A, B, C, D, bias)]
-    for version in (0, 1):
-        y = _nan(b, KD, L)
-        lib.emu_scan_fwd(version, *ins, _ptr(y), b, KD, L, K, int(sp), 8)
-        assert_close(y, y_ref, F32, "kernel", f"CUDA C scan_fwd version {version}")
-    nblk = (case["Dg"] + EMU_WARPS - 1) // EMU_WARPS
-    nrounds = (L + 32 * EMU_CHUNKS - 1) // (32 * EMU_CHUNKS)
-    hstart = _nan(b * KD * nrounds * N)
-    du, ddelta = _nan(b, KD, L), _nan(b, KD, L)
-    partB, partC = _nan(b, K, nblk, N, L), _nan(b, K, nblk, N, L)
-    partA, partD, partbias = _nan(b, KD, N), _nan(b, KD), _nan(b, KD)
-    lib.emu_scan_bwd(*ins, _ptr(dy), *[_ptr(a) for a in (hstart, du, ddelta, partB, partC, partA, partD, partbias)],
-                     b, KD, L, K, int(sp), EMU_WARPS)
-    dB = _nan(b, K, N, L)
-    lib.emu_sum_middle(_ptr(partB), _ptr(dB), b * K, nblk, N * L)
-    got = {"u": du, "delta": ddelta, "A": partA.sum(0), "B": dB, "C": partC.sum(2),
-           "D": partD.sum(0) if case["has_D"] else None,
-           "delta_bias": partbias.sum(0) if (case["has_bias"] and case["regime"] != "near_one") else None}
-    assert_all_close(got, g_ref, F32, "kernel", prefix="CUDA C scan_bwd ")
+    with poison_outputs():
+        for fwd in (fake_cupy.selective_scan_fwd_naive, fake_cupy.selective_scan_fwd):
+            y, cache = fwd(*args, delta_softplus=sp)
+            assert_close(y, y_ref, F32, "kernel", f"cupy (emulated) {fwd.__name__}")
+        got = fake_cupy.selective_scan_bwd(dy, cache)
+    assert_all_close(got, g_ref, F32, "kernel", prefix="cupy (emulated) selective_scan_bwd ")
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 9, 7), (2, 1, 5, 6), (1, 1, 1, 1), (1, 1, 33, 40)],
                          ids=["9x7", "5x6", "1x1", "33x40"])
-def test_cupy_cross_and_ss2d_cuda_c_on_cpu_emulation(scan_cuda_c_on_cpu, shape):
-    lib = scan_cuda_c_on_cpu
+def test_cupy_backend_on_cpu_emulation_maps(fake_cupy, shape):
     b, Di, H, W = shape
     L = H * W
     rng = np.random.default_rng(H * 100 + W)
     x = rng.standard_normal((b, Di, H, W)).astype(F32)
     ys = rng.standard_normal((b, 4, Di, L)).astype(F32)
-    for tiled in (0, 1):
-        xs, y = _nan(b, 4, Di, L), _nan(b, Di, H, W)
-        lib.emu_cross(0, tiled, _ptr(x), _ptr(xs), b, Di, H, W)
-        lib.emu_cross(1, tiled, _ptr(ys), _ptr(y), b, Di, H, W)
-        assert np.array_equal(xs, ref_ss2d.cross_scan(x)), f"cross_scan tiled={tiled}"
-        assert_close(y, ref_ss2d.cross_merge(ys.astype(np.float64), H, W), F32, "kernel", f"cross_merge {tiled}")
-    if H * W > 400:
-        return       # the fused scan on the big map is slow as threads; the tiles were the point
-    N = EMU_NSTATE
-    args, sp = scan_inputs(rng, b, 4 * Di, L, 4, N, "normal", True, True)
+    with poison_outputs():
+        for scan_fn, merge_fn in ((fake_cupy.cross_scan_naive, fake_cupy.cross_merge_naive),
+                                  (fake_cupy.cross_scan, fake_cupy.cross_merge)):
+            assert np.array_equal(scan_fn(x), ref_ss2d.cross_scan(x)), scan_fn.__name__
+            assert_close(merge_fn(ys, H, W), ref_ss2d.cross_merge(ys.astype(np.float64), H, W), F32, "kernel",
+                         merge_fn.__name__)
+    if L > 400:
+        return       # the tiles' edges were the point of the big map; its scan is slow as threads
+    args, sp = scan_inputs(rng, b, 4 * Di, L, 4, 1, "normal", True, True)
     args = [x] + args[1:]
     y_ref, c_ref = ref_ss2d.ss2d_scan_fwd(*f64(args), delta_softplus=sp)
     dy = rng.standard_normal(y_ref.shape).astype(F32)
     g_ref = ref_ss2d.ss2d_scan_bwd(dy.astype(np.float64), c_ref)
-    ins = [_ptr(a) for a in args]
-    y = _nan(b, Di, H, W)
-    lib.emu_ss2d_fwd(*ins, _ptr(y), b, Di, H, W, int(sp))
-    assert_close(y, y_ref, F32, "kernel", "CUDA C ss2d_fwd_fused")
-    KD = 4 * Di
-    nrounds = (L + 32 * EMU_CHUNKS - 1) // (32 * EMU_CHUNKS)
-    hstart, dx, ddelta = _nan(b * KD * nrounds * N), _nan(b, Di, H, W), _nan(b, KD, L)
-    dB, dC = np.zeros((b, 4, N, L), F32), np.zeros((b, 4, N, L), F32)
-    partA, partD, partbias = _nan(b, KD, N), _nan(b, KD), _nan(b, KD)
-    lib.emu_ss2d_bwd(ins[0], _ptr(dy), *ins[1:], *[_ptr(a) for a in (hstart, dx, ddelta, dB, dC, partA, partD,
-                                                                       partbias)], b, Di, H, W, int(sp))
-    got = {"x": dx, "delta": ddelta, "A": partA.sum(0), "B": dB, "C": dC, "D": partD.sum(0),
-           "delta_bias": partbias.sum(0)}
-    assert_all_close(got, g_ref, F32, "kernel", prefix="CUDA C ss2d_bwd_fused ")
+    versions = [(fake_cupy.ss2d_scan_fwd, fake_cupy.ss2d_scan_bwd)]
+    if shape == (1, 2, 9, 7):
+        versions.append((fake_cupy.ss2d_scan_fwd_composed, fake_cupy.ss2d_scan_bwd_composed))
+    for fwd, bwd in versions:
+        with poison_outputs():
+            y, cache = fwd(*args, delta_softplus=sp)
+            got = bwd(dy, cache)
+        assert_close(y, y_ref, F32, "kernel", f"cupy (emulated) {fwd.__name__}")
+        assert_all_close(got, g_ref, F32, "kernel", prefix=f"cupy (emulated) {bwd.__name__} ")
