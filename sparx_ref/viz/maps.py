@@ -130,13 +130,17 @@ def scan_attention_maps(matrices, H: int, W: int, query, image=None, save=None,
         axes[0, 0].imshow(img, cmap=None if img.ndim == 3 else "gray")
         axes[0, 0].set_title("image", fontsize=8)
         col = 1
+    from matplotlib.colors import LogNorm
     vmax = float(np.abs(maps).max()) or 1.0
     panels_data = [(maps[k], f"direction {DIRECTION_NAMES[k]}") for k in range(4)]
     panels_data.append((maps.sum(0), "merged (sum of 4)"))
     for j, (m, name) in enumerate(panels_data):
         ax = axes[0, col + j]
-        ax.imshow(np.abs(m), cmap="magma", vmin=0, vmax=vmax if j < 4 else float(np.abs(m).max()) or 1.0)
+        top = vmax if j < 4 else (float(np.abs(m).max()) or 1.0)
+        # log colour scale over 4 decades: the decay along each path stays visible
+        im = ax.imshow(np.maximum(np.abs(m), top * 1e-4), cmap="magma", norm=LogNorm(vmin=top * 1e-4, vmax=top))
         ax.set_title(name, fontsize=8)
+    fig.colorbar(im, ax=axes[0, -1], shrink=0.8, label="|weight| (log)")
     for ax in axes[0]:
         ax.scatter([query[1]], [query[0]], marker="x", color="cyan", s=40)
         ax.set_xticks([])
