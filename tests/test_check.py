@@ -94,6 +94,15 @@ def test_cli_golden_writes_documented_manifest(tmp_path, capsys):
     np.testing.assert_array_equal(y, arrays["out.y"])
 
 
+def test_golden_files_are_reproducible(tmp_path):
+    """Same name, config and seed: the same bytes (fixed zip timestamps), so the same sha256."""
+    first = json.loads(write_golden("dmca_attention", tmp_path / "a", seed=2).read_text())
+    second = json.loads(write_golden("dmca_attention", tmp_path / "b", seed=2).read_text())
+    other = json.loads(write_golden("dmca_attention", tmp_path / "c", seed=3).read_text())
+    assert first["sha256"] == second["sha256"] != other["sha256"]
+    assert (tmp_path / "a" / "golden.npz").read_bytes() == (tmp_path / "b" / "golden.npz").read_bytes()
+
+
 def test_tampered_golden_is_refused(tmp_path, capsys):
     write_golden("cross_scan", tmp_path / "g")
     results = _save(tmp_path / "r.npz", oracle_results(tmp_path / "g"))

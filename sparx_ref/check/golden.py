@@ -218,7 +218,7 @@ def write_golden(name: str, out_dir, config: dict | None = None, dtype="float64"
             put(k, v, group, f"d/d {src}.{sub} of sum(out * cot) (float64)", required=True, tol=tol)
 
     npz_path = out_dir / NPZ_NAME
-    np.savez_compressed(npz_path, **arrays)
+    np.savez_compressed(npz_path, **arrays)     # reproducible bytes: zip entries carry no timestamps
     result_keys = [k for k in ref]
     manifest = OrderedDict(
         format=FORMAT, name=name, kind=kind, summary=summary, upstream=upstream,
