@@ -433,12 +433,13 @@ class SwinTransformer(Module):
     """The original Swin Transformer classifier as a NumPy model (spec §1 - §12).
 
     Model API (shared with the SparX-Mamba NumPy model): ``forward(x)`` (B, in_chans, H, W),
-    (H, W) == img_size -> logits (B, num_classes); ``backward(dlogits)`` -> dx, filling
-    ``grads`` (gradients of this backward pass only); ``forward_features(x)`` -> list of the
-    stage outputs (each BasicLayer's output, after its PatchMerging, (B, L_s, C_s) tokens);
-    ``state_dict`` / ``load_state_dict`` (released keys; missing relative_position_index /
-    attn_mask buffers are rebuilt) / ``num_parameters`` / ``train`` / ``eval``;
-    ``record = True`` fills ``recorded`` under the golden file's ``act.*`` names.
+    (H, W) == img_size -> logits (B, num_classes); ``backward(dlogits)`` -> dx, accumulating
+    parameter gradients into ``grads`` (``zero_grad()`` clears them); ``forward_features(x)``
+    -> list of the stage outputs (each BasicLayer's output, after its PatchMerging,
+    (B, L_s, C_s) tokens) and ``backward_features(douts)``; ``state_dict`` /
+    ``load_state_dict`` (released keys; missing relative_position_index / attn_mask buffers
+    are rebuilt) / ``num_parameters`` / ``train`` / ``eval`` / ``astype``; ``record = True``
+    fills ``recorded`` under the golden file's ``act.*`` names.
     """
 
     layer_class = BasicLayer
@@ -498,9 +499,17 @@ class SwinTransformer(Module):
         check_shape("x", x, (None, self.cfg["in_chans"]) + tuple(self.cfg["img_size"]))
         return x
 
-    def _stages(self, x, rec):
+    def astype(self, dtype) -> "SwinTransformer":
+        """Cast every float parameter and buffer; inputs must then have this dtype."""
+        super().astype(dtype)
+        object.__setattr__(self, "dtype", np.dtype(dtype))
+        return self
+
+    def forward_features(self, x):
+        """x (B, in_chans, H, W) -> list of the stage outputs, (B, L_s, C_s) tokens (each
+        BasicLayer's output, after its PatchMerging). Fills ``recorded`` if ``record``."""
         x = self._check_input(x)
-        self.zero_grad()
+        rec = OrderedDict() if self.record else None
         t = self.patch_embed.forward(x)
         if "absolute_pos_embed" in self._params:
             t = t + self.absolute_pos_embed
@@ -510,27 +519,25 @@ class SwinTransformer(Module):
         for layer in self.layers:
             t = layer.forward(t, rec)
             outs.append(t)
+        self.recorded = rec if rec is not None else OrderedDict()
+        object.__setattr__(self, "_stage_shapes", [o.shape for o in outs])
         return outs
 
-    def forward_features(self, x):
-        """List of the stage outputs, (B, L_s, C_s) tokens (after each PatchMerging)."""
-        return self._stages(x, None)
-
     def forward(self, x):
-        rec = OrderedDict() if self.record else None
-        t = self.norm.forward(self._stages(x, rec)[-1])
+        """x (B, in_chans, H, W) -> logits (B, num_classes): stages, final LayerNorm, mean
+        over tokens, head."""
+        t = self.norm.forward(self.forward_features(x)[-1])
         pooled = t.mean(axis=1)                                    # AdaptiveAvgPool1d(1) over tokens
-        if rec is not None:
-            rec["norm"] = t
-            rec["pooled"] = pooled
-            self.recorded = rec
+        if self.record:
+            self.recorded["norm"] = t
+            self.recorded["pooled"] = pooled
         logits = self.head.forward(pooled) if self.head is not None else pooled
         self._cache = (t.shape, logits.shape)
         return logits
 
     def backward(self, dlogits):
         """Gradient of ``sum(logits * dlogits)``: returns dx (B, in_chans, H, W); parameter
-        gradients land in ``self.grads`` (cleared at the start of every forward)."""
+        gradients are *accumulated* into ``grads`` (call ``zero_grad()`` between steps)."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         (B, Ltok, C), logits_shape = self._cache
@@ -538,11 +545,26 @@ class SwinTransformer(Module):
         check_shape("dlogits", dlogits, logits_shape)
         dpooled = self.head.backward(dlogits) if self.head is not None else dlogits
         dt = self.norm.backward(np.broadcast_to(dpooled[:, None, :] / Ltok, (B, Ltok, C)).copy())
-        for layer in reversed(list(self.layers)):
-            dt = layer.backward(dt)
+        return self.backward_features([None] * (len(self.layers) - 1) + [dt])
+
+    def backward_features(self, douts):
+        """Backward of :meth:`forward_features`: ``douts`` holds the gradient of each stage
+        output (None for none) -> dx; parameter gradients are accumulated."""
+        if len(douts) != len(self.layers):
+            raise ValueError(f"douts must have one entry per stage ({len(self.layers)}), got {len(douts)}")
+        carry = None   # gradient of the next stage's input = this stage's output
+        for s in reversed(range(len(self.layers))):
+            g = douts[s]
+            if g is not None:
+                g = as_float_array(f"douts[{s}]", g, ndim=3, dtype=self.dtype)
+                check_shape(f"douts[{s}]", g, self._stage_shapes[s])
+                g = g if carry is None else g + carry
+            else:
+                g = carry if carry is not None else np.zeros(self._stage_shapes[s], dtype=self.dtype)
+            carry = self.layers[s].backward(g)
         if "absolute_pos_embed" in self._params:
-            self.accumulate_grad("absolute_pos_embed", dt.sum(axis=0, keepdims=True))
-        return self.patch_embed.backward(dt)
+            self.accumulate_grad("absolute_pos_embed", carry.sum(axis=0, keepdims=True))
+        return self.patch_embed.backward(carry)
 
 
 def build(name: str, dtype=np.float64, seed=0, **overrides) -> SwinTransformer:

@@ -431,3 +431,36 @@ def test_load_checkpoint_converts_timm_file(tmp_path, rng):
     for key, value in fresh.state_dict().items():
         np.testing.assert_array_equal(value, state[key], err_msg=key)
     build_twin("swin", **kwargs).load_state_dict(to_torch_state(loaded), strict=True)
+
+
+def test_backward_features_and_grad_accumulation(rng):
+    """backward_features with gradients on two stage outputs vs autograd; backward
+    accumulates into grads until zero_grad(), like PyTorch; astype switches the dtype."""
+    kwargs = dict(img_size=32, embed_dim=8, depths=[1, 2], num_heads=[2, 2], window_size=4, num_classes=3)
+    model = build_model("swin", **kwargs)
+    twin = build_twin("swin", dtype=torch.float64, **kwargs)
+    state = random_state(model, rng)
+    model.load_state_dict(state)
+    twin.load_state_dict(to_torch_state(state))
+    x = rng.standard_normal((2, 3, 32, 32))
+    feats = model.forward_features(x)
+    douts = [rng.standard_normal(f.shape) for f in feats]
+    dx = model.backward_features(douts)
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    sum((f * torch.from_numpy(d)).sum() for f, d in zip(twin.forward_features(x_t), douts)).backward()
+    assert_close(dx, x_t.grad, np.float64, "model", "dx")
+    named = dict(twin.named_parameters())
+    for key, g in model.grads.items():
+        if named[key].grad is None:          # the final norm and head are not used
+            assert key.startswith(("norm.", "head.")) and not g.any(), key
+        else:
+            assert_close(g, named[key].grad, np.float64, "model", key)
+    first = {k: v.copy() for k, v in model.grads.items()}
+    model.forward_features(x)
+    model.backward_features(douts)
+    for key, g in model.grads.items():
+        np.testing.assert_allclose(g, 2 * first[key], rtol=1e-12, atol=0, err_msg=key)
+    model.zero_grad()
+    assert not any(g.any() for g in model.grads.values())
+    model.astype(np.float32)
+    assert model.forward(x.astype(np.float32)).dtype == np.float32
