@@ -320,8 +320,11 @@ class SwinTransformer(nn.Module):
             raise ValueError(f"x must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
                              f"(img_size is fixed at construction), got {tuple(x.shape)}")
 
-    def _stages(self, x, rec):
+    def forward_features(self, x):
+        """List of the stage outputs, (B, L_s, C_s) tokens (after each PatchMerging).
+        Fills ``recorded`` if ``record``."""
         self._check_input(x)
+        rec = OrderedDict() if self.record else None
         x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
             x = x + self.absolute_pos_embed
@@ -332,21 +335,15 @@ class SwinTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x, rec)
             outs.append(x)
+        self.recorded = rec if rec is not None else OrderedDict()
         return outs
 
-    def forward_features(self, x):
-        """List of the stage outputs, (B, L_s, C_s) tokens (after each PatchMerging)."""
-        return self._stages(x, None)
-
     def forward(self, x):
-        rec = OrderedDict() if self.record else None
-        x = self._stages(x, rec)[-1]
-        x = self.norm(x)
+        x = self.norm(self.forward_features(x)[-1])
         pooled = x.mean(dim=1)
-        if rec is not None:
-            rec["norm"] = x.detach()
-            rec["pooled"] = pooled.detach()
-            self.recorded = rec
+        if self.record:
+            self.recorded["norm"] = x.detach()
+            self.recorded["pooled"] = pooled.detach()
         return self.head(pooled)
 
 

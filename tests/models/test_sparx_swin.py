@@ -10,6 +10,7 @@ from sparx_ref import build_model
 from sparx_ref.models import configs
 from sparx_ref.models import sparx_swin as np_sparx_swin
 from sparx_ref.models import swin as np_swin
+from sparx_ref.testing import assert_close
 from sparx_ref.torch_models import build_model as build_twin
 from sparx_ref.torch_models import sparx_swin as twin_sparx_swin
 
@@ -182,3 +183,37 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="x must have shape"):
         twin(torch.zeros((1, 3, 16, 32), dtype=torch.float64))
     twin.load_state_dict(to_torch_state(model.state_dict()))
+
+
+def test_train_mode_batch_norm_numpy_matches_twin(rng):
+    """Train mode (DMCA's BatchNorms use batch statistics and update their running stats;
+    drop path 0): NumPy and twin agree on logits, gradients and the updated buffers."""
+    kwargs = dict(img_size=32, embed_dim=8, depths=[1, 2], num_heads=[2, 2], window_size=4, num_classes=3,
+                  sr_ratio=[2, 2], dense_config=dict(dense_step=[1, 1], dense_start=[100, 0],
+                                                     max_dense_depth=[100, 100]))
+    model = build_model("sparx_swin", **kwargs)
+    twin = build_twin("sparx_swin", dtype=torch.float64, **kwargs)
+    state = random_state(model, rng)
+    model.load_state_dict(state)
+    twin.load_state_dict(to_torch_state(state))
+    model.train()
+    twin.train()
+    x, G = rng.standard_normal((3, 3, 32, 32)), rng.standard_normal((3, 3))
+    logits = model.forward(x)
+    model.backward(G)
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    logits_t = twin(x_t)
+    (logits_t * torch.from_numpy(G)).sum().backward()
+    assert_close(logits, logits_t, np.float64, "model", "logits")
+    named = dict(twin.named_parameters())
+    for key, g in model.grads.items():
+        assert_close(g, named[key].grad, np.float64, "model", key)
+    twin_state = twin.state_dict()
+    changed = 0
+    for key, value in model.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            assert_close(value, twin_state[key], np.float64, "model", key)
+            changed += not np.array_equal(value, state[key])
+        elif key.endswith("num_batches_tracked"):
+            assert int(value) == int(twin_state[key]) == int(state[key]) + 1
+    assert changed > 0
