@@ -365,3 +365,39 @@ def test_twin_pretrained_loads_wrapped_checkpoint(monkeypatch):
     assert calls == [(configs.SPARX_MAMBA_RELEASE["sparx_mamba_t"]["url"], True)]
     key = "layers.2.blocks.0.op.q.1.weight"
     assert torch.equal(twin.state_dict()[key], state[key])
+
+
+
+def test_drop_path_train_and_eval(rng):
+    """drop_path_rate > 0: identity in eval mode (same numbers as rate 0); in train mode the
+    masks are random per call, and with the masks frozen the NumPy backward matches central
+    finite differences of its own forward."""
+    kwargs = dict(depths=[1, 1, 2, 1], dims=[8, 8, 8, 8], num_classes=3)
+    plain = sparx_ref.build_model("sparx_mamba", **kwargs)
+    dropped = sparx_ref.build_model("sparx_mamba", drop_path_rate=0.6, seed=4, **kwargs)
+    assert dropped.cfg["drop_path"][3][0] == pytest.approx(0.6)
+    state = randomize_state(plain.state_dict(), rng)
+    plain.load_state_dict(state)
+    dropped.load_state_dict(state)
+    x = rng.standard_normal((1, 3, 48, 48))
+    np.testing.assert_array_equal(plain.eval().forward(x), dropped.eval().forward(x))
+    dropped.train()
+    assert len({tuple(dropped.forward(x)[0]) for _ in range(4)}) > 1
+
+    def run(xv):  # every DropPath replays the same masks
+        for _, m in dropped.named_modules():
+            if type(m).__name__ == "DropPath":
+                m.rng = np.random.default_rng(123)
+        return dropped.forward(xv)
+
+    dlogits = rng.standard_normal((1, 3))
+    run(x)
+    dropped.zero_grad()
+    dx = dropped.backward(dlogits)
+    eps = 1e-6
+    for idx in [(0, 0, 3, 5), (0, 2, 40, 17)]:
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        fd = float(((run(xp) - run(xm)) * dlogits).sum()) / (2 * eps)
+        assert abs(dx[idx] - fd) <= 1e-6 * max(1.0, abs(fd)), (idx, dx[idx], fd)
