@@ -141,11 +141,11 @@ def drop_path_rates(cfg: dict) -> list[list[float]]:
 
 
 # ---------------------------------------------------------------------------------------
-# Stochastic pieces (identity in eval mode or at rate 0)
+# Stochastic depth (identity in eval mode or at rate 0)
 # ---------------------------------------------------------------------------------------
-class Dropout(Module):
-    """``nn.Dropout(p)``: in training, zero each element with probability p and scale the
-    kept ones by 1/(1-p); backward applies the same mask. ``rng`` draws the masks."""
+class DropPath(Module):
+    """timm's ``DropPath``: in training, drop a sample's whole branch with probability p and
+    scale the kept ones by 1/(1-p); backward applies the same per-sample factor. No state."""
 
     def __init__(self, p: float, rng: np.random.Generator):
         super().__init__()
@@ -155,23 +155,12 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._cache = None
             return x
-        self._cache = (self.rng.random(x.shape) >= self.p).astype(x.dtype) / x.dtype.type(1.0 - self.p)
+        keep = (self.rng.random((x.shape[0],) + (1,) * (x.ndim - 1)) >= self.p).astype(x.dtype)
+        self._cache = keep / x.dtype.type(1.0 - self.p)
         return x * self._cache
 
     def backward(self, dout):
         return dout if self._cache is None else dout * self._cache
-
-
-class DropPath(Dropout):
-    """Stochastic depth (timm's ``DropPath``): one keep/drop draw per sample."""
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            self._cache = None
-            return x
-        keep = (self.rng.random((x.shape[0],) + (1,) * (x.ndim - 1)) >= self.p).astype(x.dtype)
-        self._cache = keep / x.dtype.type(1.0 - self.p)
-        return x * self._cache
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,28 +203,20 @@ class WindowAttention(Module):
 
 
 class Mlp(Module):
-    """fc1 (C -> hidden) -> exact GELU -> Dropout -> fc2 (hidden -> C) -> Dropout."""
+    """fc1 (C -> hidden) -> exact GELU -> fc2 (hidden -> C); the released Dropouts are
+    identities (drop_rate 0, the only rate the NumPy model builds)."""
 
-    def __init__(self, dim, hidden, drop, *, dtype, rng):
+    def __init__(self, dim, hidden, *, dtype, rng):
         super().__init__()
         self.fc1 = Linear(dim, hidden, dtype=dtype, rng=rng)
         self.act = GELU()
         self.fc2 = Linear(hidden, dim, dtype=dtype, rng=rng)
-        object.__setattr__(self, "drop1", Dropout(drop, rng))  # stateless: not in the state_dict
-        object.__setattr__(self, "drop2", Dropout(drop, rng))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.drop1.train(mode)
-        self.drop2.train(mode)
-        return self
 
     def forward(self, x):
-        return self.drop2.forward(self.fc2.forward(self.drop1.forward(self.act.forward(self.fc1.forward(x)))))
+        return self.fc2.forward(self.act.forward(self.fc1.forward(x)))
 
     def backward(self, dout):
-        d = self.fc2.backward(self.drop2.backward(dout))
-        return self.fc1.backward(self.act.backward(self.drop1.backward(d)))
+        return self.fc1.backward(self.act.backward(self.fc2.backward(dout)))
 
 
 class SwinTransformerBlock(Module):
@@ -268,15 +249,10 @@ class SwinTransformerBlock(Module):
         self.norm1 = LayerNorm(dim, dtype=dtype)
         self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, dtype=dtype, rng=rng)
         self.norm2 = LayerNorm(dim, dtype=dtype)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, dtype=dtype, rng=rng)
-        object.__setattr__(self, "drop_path1", DropPath(drop_path, rng))
-        object.__setattr__(self, "drop_path2", DropPath(drop_path, rng))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.drop_path1.train(mode)
-        self.drop_path2.train(mode)
-        return self
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rng=rng)
+        # stateless children (no state_dict entries): one per residual branch
+        self.drop_path1 = DropPath(drop_path, rng)
+        self.drop_path2 = DropPath(drop_path, rng)
 
     # -- the SparX-Swin hook --------------------------------------------------------------
     def mix_input(self, u, shortcut):
@@ -471,15 +447,6 @@ class SwinTransformer(Module):
             self.head = Linear(self.num_features, cfg["num_classes"], dtype=dtype, rng=rng)
         else:
             object.__setattr__(self, "head", None)
-
-    def train(self, mode: bool = True):
-        """Switch train/eval everywhere, including the stateless dropout / drop-path modules."""
-        super().train(mode)
-        for _, mod in self.named_modules():
-            for attr in ("drop1", "drop2", "drop_path1", "drop_path2"):
-                if attr in mod.__dict__:
-                    object.__setattr__(mod.__dict__[attr], "training", mode)
-        return self
 
     # -- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state, strict: bool = True) -> dict:

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import swin as np_swin
+from .common import DropPath
 from . import ops
 
 
@@ -70,22 +71,6 @@ def shifted_window_mask(H: int, W: int, M: int, shift: int) -> torch.Tensor:
     windows = window_partition(labels[None, :, :, None], M)[..., 0]          # (nW, N)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm's): in training, zero whole samples with
-    probability ``p`` and scale the kept ones by 1/(1-p)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 # ---------------------------------------------------------------------------------------
