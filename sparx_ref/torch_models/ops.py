@@ -303,6 +303,36 @@ def _cupy_torch_allocator():
 _NUMBA_SHARED = {"done": False, "ok": False}
 
 
+@functools.lru_cache(maxsize=None)
+def numba_torch_memory_manager():
+    """The EMM plugin class (built on first use, so importing this module needs no Numba)."""
+    import weakref
+
+    from numba import cuda
+
+    class TorchCUDAMemoryManager(cuda.GetIpcHandleMixin, cuda.HostOnlyCUDAMemoryManager):
+        """Numba EMM plugin: device memory from torch.cuda.caching_allocator_alloc."""
+
+        def initialize(self):
+            pass
+
+        def memalloc(self, size):
+            size = max(int(size), 1)
+            ptr = _torch_malloc(size, torch.cuda.current_device())
+            return cuda.MemoryPointer(weakref.proxy(self.context), ctypes.c_void_p(ptr), size,
+                                      finalizer=functools.partial(torch.cuda.caching_allocator_delete, ptr))
+
+        def get_memory_info(self):
+            free, total = torch.cuda.mem_get_info()
+            return cuda.MemoryInfo(free=free, total=total)
+
+        @property
+        def interface_version(self):
+            return 1
+
+    return TorchCUDAMemoryManager
+
+
 def share_torch_memory_with_numba() -> bool:
     """Make Numba's current CUDA context allocate from PyTorch's caching allocator.
 
@@ -320,31 +350,10 @@ def share_torch_memory_with_numba() -> bool:
         return False
     try:
         from numba import cuda
-        import weakref
-
-        class TorchCUDAMemoryManager(cuda.GetIpcHandleMixin, cuda.HostOnlyCUDAMemoryManager):
-            """Numba EMM plugin: device memory from torch.cuda.caching_allocator_alloc."""
-
-            def initialize(self):
-                pass
-
-            def memalloc(self, size):
-                size = max(int(size), 1)
-                ptr = _torch_malloc(size, torch.cuda.current_device())
-                return cuda.MemoryPointer(weakref.proxy(self.context), ctypes.c_void_p(ptr), size,
-                                          finalizer=functools.partial(torch.cuda.caching_allocator_delete, ptr))
-
-            def get_memory_info(self):
-                free, total = torch.cuda.mem_get_info()
-                return cuda.MemoryInfo(free=free, total=total)
-
-            @property
-            def interface_version(self):
-                return 1
-
+        manager = numba_torch_memory_manager()
         ctx = cuda.current_context()
-        if not isinstance(ctx.memory_manager, TorchCUDAMemoryManager):
-            ctx.memory_manager = TorchCUDAMemoryManager(context=ctx)
+        if not isinstance(ctx.memory_manager, manager):
+            ctx.memory_manager = manager(context=ctx)
             ctx.memory_manager.initialize()
         _NUMBA_SHARED["ok"] = True
     except Exception as err:  # an older/newer numba-cuda: keep its own allocator
