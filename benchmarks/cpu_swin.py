@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,25 +29,18 @@ if __name__ == "__main__":  # thread pools are sized when NumPy / torch first lo
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = _threads
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from cpu_sparx_mamba import cpu_name, time_pair  # noqa: E402  (sibling script: shared helpers)
+
 from sparx_ref import build_model  # noqa: E402
 from sparx_ref.torch_models import build_model as build_twin  # noqa: E402
 
 VARIANTS = ("t", "s", "b")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def count_flops(model, x) -> int:
@@ -58,20 +49,11 @@ def count_flops(model, x) -> int:
     return counter.get_total_flops()
 
 
-def time_pair(run_a, run_b, reps: int, warmup: int = 2):
-    """Alternate the two callables; return (median_a, median_b) in seconds."""
-    for _ in range(warmup):
-        run_a()
-        run_b()
-    ta, tb = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run_a()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        run_b()
-        tb.append(time.perf_counter() - t0)
+def median_pair(run_a, run_b, reps: int, warmup: int = 2):
+    """Alternate the two callables (swin, sparx, swin, ...); medians in seconds."""
+    ta, tb = time_pair(run_a, run_b, reps, warmup=warmup)
     return statistics.median(ta), statistics.median(tb)
+
 
 
 def main(argv=None):
@@ -99,11 +81,11 @@ def main(argv=None):
                    gmacs=[count_flops(m, x) / 2e9 for m in (swin, sparx)])
         if not args.flops_only:
             with torch.inference_mode():
-                row["torch"] = time_pair(lambda: swin(x), lambda: sparx(x), args.reps)
+                row["torch"] = median_pair(lambda: swin(x), lambda: sparx(x), args.reps)
             if args.numpy:
                 np_swin = build_model(f"swin_{v}", dtype=np.float32, seed=0)
                 np_sparx = build_model(f"sparx_swin_{v}", dtype=np.float32, seed=0)
-                row["numpy"] = time_pair(lambda: np_swin.forward(x_np), lambda: np_sparx.forward(x_np),
+                row["numpy"] = median_pair(lambda: np_swin.forward(x_np), lambda: np_sparx.forward(x_np),
                                          args.numpy_reps, warmup=1)
                 del np_swin, np_sparx
         rows.append(row)
