@@ -217,3 +217,52 @@ def test_train_mode_batch_norm_numpy_matches_twin(rng):
         elif key.endswith("num_batches_tracked"):
             assert int(value) == int(twin_state[key]) == int(state[key]) + 1
     assert changed > 0
+
+
+def test_finite_differences_train_mode_with_drop_path(rng):
+    """An oracle independent of torch: the NumPy backward of a tiny SparX-Swin in train mode
+    (BN batch statistics, drop path 0.5 with the masks replayed) vs central differences of
+    sum(logits * G), on a sample of input and parameter entries of every kind."""
+    kwargs = dict(img_size=16, patch_size=2, embed_dim=4, depths=[2, 2], num_heads=[1, 2], window_size=2,
+                  num_classes=3, sr_ratio=[2, 2], drop_path_rate=0.5,
+                  dense_config=dict(dense_step=[1, 1], dense_start=[100, 0], max_dense_depth=[100, 1]))
+    model = build_model("sparx_swin", **kwargs)
+    model.load_state_dict(random_state(model, rng))
+    model.train()
+    drop_paths = [m for _, m in model.named_modules() if isinstance(m, np_swin.DropPath)]
+    assert len(drop_paths) == 8
+    x, G = rng.standard_normal((2, 3, 16, 16)), rng.standard_normal((2, 3))
+    buffers = {k: v.copy() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+    def loss():
+        for m in drop_paths:                 # the same drop masks at every evaluation
+            m.rng = np.random.default_rng(123)
+        model.load_state_dict(buffers, strict=False)   # the same BN running stats too
+        return float(np.sum(model.forward(x) * G))
+
+    loss()
+    assert any(m._cache is not None and not m._cache.all() for m in drop_paths)  # something was dropped
+    model.zero_grad()
+    dx = model.backward(G)
+    grads = {k: v.copy() for k, v in model.grads.items()}
+    params = dict(model.named_parameters())
+    picks = [("x", x, idx) for idx in [tuple(rng.integers(0, s) for s in x.shape) for _ in range(4)]]
+    for key in ("patch_embed.proj.weight", "layers.0.blocks.1.attn.relative_position_bias_table",
+                "layers.0.blocks.1.attn.qkv.bias", "layers.0.downsample.reduction.weight",
+                "layers.1.blocks.0.dmca.d_norm.weight", "layers.1.blocks.0.dmca.q.0.0.weight",
+                "layers.1.blocks.1.dmca.d_proj.3.weight", "layers.1.blocks.1.dmca.in_proj.2.bias",
+                "layers.1.blocks.1.mlp.fc1.weight", "head.bias"):
+        p = params[key]
+        picks.append((key, p, tuple(rng.integers(0, s) for s in p.shape)))
+    eps = 1e-6
+    got, want = [], []
+    for key, arr, idx in picks:
+        old = arr[idx]
+        arr[idx] = old + eps
+        plus = loss()
+        arr[idx] = old - eps
+        minus = loss()
+        arr[idx] = old
+        want.append((plus - minus) / (2 * eps))
+        got.append(dx[idx] if key == "x" else grads[key][idx])
+    assert_close(np.array(got), np.array(want), np.float64, "finite_diff", "sampled gradients")
