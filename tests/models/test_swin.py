@@ -108,7 +108,7 @@ def small_swin_kwargs(draw, min_stages=1, width_multiple=1):
     kwargs = dict(img_size=(grid[0] * patch, grid[1] * patch), patch_size=patch, embed_dim=embed,
                   depths=[draw(st.integers(1, 3)) for _ in range(stages)], num_heads=heads,
                   window_size=window, mlp_ratio=draw(st.sampled_from([2.0, 4.0])),
-                  num_classes=draw(st.sampled_from([3, 7])), in_chans=draw(st.sampled_from([1, 3])),
+                  num_classes=draw(st.sampled_from([0, 3, 7])), in_chans=draw(st.sampled_from([1, 3])),
                   ape=draw(st.booleans()), patch_norm=draw(st.booleans()))
     try:
         np_swin.stage_geometry(np_swin.resolve_config("swin", kwargs))
