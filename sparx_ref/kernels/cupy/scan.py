@@ -282,6 +282,32 @@ __device__ void bwd_row(const float* u, int pu, const float* dy, int pdy,
     if (active && lane == 0) { *dD_out = dD_acc; *dbias_out = dbias_acc; }
 }
 
+// Copy a (H, W) map from global memory (contiguous) into shared memory with row pitch P. Eight
+// loads are issued before the first shared store (one load at a time would wait out the memory
+// latency 49 times for a 56x56 map).
+__device__ __forceinline__ void load_map(const float* __restrict__ g, float* s, int H, int W, int P) {
+    const int L = H * W;
+    for (int p0 = threadIdx.x; p0 < L; p0 += 8 * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { int p = p0 + i * blockDim.x; v[i] = p < L ? g[p] : 0.f; }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { int p = p0 + i * blockDim.x; if (p < L) s[(p / W) * P + p % W] = v[i]; }
+    }
+}
+
+// g[p] += s[map position of p], eight global loads in flight at a time.
+__device__ __forceinline__ void add_map(float* g, const float* s, int H, int W, int P) {
+    const int L = H * W;
+    for (int p0 = threadIdx.x; p0 < L; p0 += 8 * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { int p = p0 + i * blockDim.x; v[i] = p < L ? g[p] : 0.f; }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { int p = p0 + i * blockDim.x; if (p < L) g[p] = v[i] + s[(p / W) * P + p % W]; }
+    }
+}
+
 extern "C" {
 
 // ladder rung 1, "naive": one thread per (batch, channel) row, walking L sequentially. Adjacent
@@ -467,7 +493,7 @@ __global__ void ss2d_fwd_fused(const float* x, const float* delta, const float* 
     int L = H * W;
     const float* xg = x + (long long)bc * L;
     float* yg = y + (long long)bc * L;
-    for (int p = threadIdx.x; p < L; p += blockDim.x) xm[(p / W) * P + p % W] = xg[p];
+    load_map(xg, xm, H, W, P);
     __syncthreads();
     int warp = threadIdx.x >> 5;
     for (int pass = 0; pass < 2; ++pass) {
@@ -484,7 +510,7 @@ __global__ void ss2d_fwd_fused(const float* x, const float* delta, const float* 
         __syncwarp();
     }
     __syncthreads();
-    for (int p = threadIdx.x; p < L; p += blockDim.x) yg[p] += ybuf[(p / W) * P + p % W];
+    add_map(yg, ybuf, H, W, P);
 }
 
 // Fused 2-D scan backward: the same block layout. Shared memory: x, dy and warp 1's dx buffer
@@ -506,10 +532,8 @@ __global__ void ss2d_bwd_fused(const float* x, const float* dy, const float* del
     const float* xg = x + (long long)bc * L;
     const float* dyg = dy + (long long)bc * L;
     float* dxg = dx + (long long)bc * L;
-    for (int p = threadIdx.x; p < L; p += blockDim.x) {
-        xm[(p / W) * P + p % W] = xg[p];
-        dym[(p / W) * P + p % W] = dyg[p];
-    }
+    load_map(xg, xm, H, W, P);
+    load_map(dyg, dym, H, W, P);
     __syncthreads();
     int warp = threadIdx.x >> 5;
     for (int pass = 0; pass < 2; ++pass) {
@@ -529,7 +553,7 @@ __global__ void ss2d_bwd_fused(const float* x, const float* dy, const float* del
         __syncwarp();
     }
     __syncthreads();
-    for (int p = threadIdx.x; p < L; p += blockDim.x) dxg[p] += dxbuf[(p / W) * P + p % W];
+    add_map(dxg, dxbuf, H, W, P);
 }
 
 }  // extern "C"

@@ -152,6 +152,40 @@ def warp_sum(v):
     return v
 
 
+@cuda.jit(device=True, inline=True)
+def load_map(g, goff, s, soff, H, W, P):
+    """s[soff + h*P + w] = g[goff + h*W + w]; eight loads issued before the first shared store."""
+    L = H * W
+    v = cuda.local.array(8, float32)
+    p0 = cuda.threadIdx.x
+    while p0 < L:
+        for i in range(8):
+            p = p0 + i * cuda.blockDim.x
+            v[i] = g[goff + p] if p < L else f32(0.0)
+        for i in range(8):
+            p = p0 + i * cuda.blockDim.x
+            if p < L:
+                s[soff + (p // W) * P + p % W] = v[i]
+        p0 += 8 * cuda.blockDim.x
+
+
+@cuda.jit(device=True, inline=True)
+def add_map(g, goff, s, soff, H, W, P):
+    """g[goff + p] += s[soff + map position of p], eight global loads in flight."""
+    L = H * W
+    v = cuda.local.array(8, float32)
+    p0 = cuda.threadIdx.x
+    while p0 < L:
+        for i in range(8):
+            p = p0 + i * cuda.blockDim.x
+            v[i] = g[goff + p] if p < L else f32(0.0)
+        for i in range(8):
+            p = p0 + i * cuda.blockDim.x
+            if p < L:
+                g[goff + p] = v[i] + s[soff + (p // W) * P + p % W]
+        p0 += 8 * cuda.blockDim.x
+
+
 # ---------------------------------------------------------------------------------------
 # kernels, built per (d_state, chunks): both are compile-time constants of the kernel
 # ---------------------------------------------------------------------------------------
@@ -456,10 +490,7 @@ def _build(NSTATE: int, CHUNKS: int):
         c = bc % Di
         L = H * W
         ybase = H * P
-        p = cuda.threadIdx.x
-        while p < L:
-            smem[(p // W) * P + p % W] = x[bc * L + p]
-            p += cuda.blockDim.x
+        load_map(x, bc * L, smem, 0, H, W, P)
         cuda.syncthreads()
         warp = cuda.threadIdx.x >> 5
         for ps in range(2):
@@ -475,10 +506,7 @@ def _build(NSTATE: int, CHUNKS: int):
                         smem, ybase, P, True, ps == 1, kdir, H, W, y, 0, False, True)
             syncwarp()
         cuda.syncthreads()
-        p = cuda.threadIdx.x
-        while p < L:
-            y[bc * L + p] += smem[ybase + (p // W) * P + p % W]
-            p += cuda.blockDim.x
+        add_map(y, bc * L, smem, ybase, H, W, P)
 
     def ss2d_bwd_fused(x, dy, delta, A, B, C, D, bias, hstart, dx, ddelta, dB, dC, partA, partD,
                        partbias, batch, Di, H, W, P, softplus):
@@ -490,12 +518,8 @@ def _build(NSTATE: int, CHUNKS: int):
         c = bc % Di
         L = H * W
         nrounds = (L + ROUND - 1) // ROUND
-        p = cuda.threadIdx.x
-        while p < L:
-            q = (p // W) * P + p % W
-            smem[q] = x[bc * L + p]
-            smem[H * P + q] = dy[bc * L + p]
-            p += cuda.blockDim.x
+        load_map(x, bc * L, smem, 0, H, W, P)
+        load_map(dy, bc * L, smem, H * P, H, W, P)
         cuda.syncthreads()
         warp = cuda.threadIdx.x >> 5
         for ps in range(2):
@@ -520,10 +544,7 @@ def _build(NSTATE: int, CHUNKS: int):
                         (kdir, H, W), (softplus, True, ps == 1, False, True))
             syncwarp()
         cuda.syncthreads()
-        p = cuda.threadIdx.x
-        while p < L:
-            dx[bc * L + p] += smem[2 * H * P + (p // W) * P + p % W]
-            p += cuda.blockDim.x
+        add_map(dx, bc * L, smem, 2 * H * P, H, W, P)
 
     ns = {"scan_fwd_naive": cuda.jit(scan_fwd_naive), "scan_fwd_warp": cuda.jit(scan_fwd_warp),
           "scan_bwd_warp": cuda.jit(scan_bwd_warp), "ss2d_fwd_fused": cuda.jit(ss2d_fwd_fused),
