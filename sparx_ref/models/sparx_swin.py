@@ -52,22 +52,21 @@ def resolve_config(name: str, overrides: dict) -> dict:
     Shared by the NumPy model and the PyTorch twin (:mod:`sparx_ref.torch_models.sparx_swin`).
     """
     overrides = dict(overrides)
-    dense_override = overrides.pop("dense_config", None)
-    variant = copy.deepcopy(configs.SPARX_SWIN_VARIANTS.get(name, {}))
-    base_dense = variant.pop("dense_config", None) or copy.deepcopy(configs.SPARX_SWIN_DEFAULTS["dense_config"])
-    defaults = {k: v for k, v in configs.SPARX_SWIN_DEFAULTS.items() if k != "dense_config"}
-    cfg = swin.resolve_config(name, overrides, defaults=defaults,
-                              variants={n: {k: v for k, v in configs.SPARX_SWIN_VARIANTS[n].items()
-                                            if k != "dense_config"} for n in configs.SPARX_SWIN_VARIANTS},
+    given_dense = dict(overrides.pop("dense_config", None) or {})
+
+    def without_dense(table):
+        return {k: v for k, v in table.items() if k != "dense_config"}
+
+    cfg = swin.resolve_config(name, overrides, defaults=without_dense(configs.SPARX_SWIN_DEFAULTS),
+                              variants={n: without_dense(v) for n, v in configs.SPARX_SWIN_VARIANTS.items()},
                               names=SPARX_SWIN_NAMES)
-    dense = dict(base_dense)
-    if dense_override is not None:
-        unknown = sorted(set(dense_override) - set(DENSE_KEYS))
-        if unknown:
-            raise TypeError(f"dense_config: unknown key(s) {unknown}; accepted: {list(DENSE_KEYS)}")
-        dense.update(copy.deepcopy(dict(dense_override)))
+    unknown = sorted(set(given_dense) - set(DENSE_KEYS))
+    if unknown:
+        raise TypeError(f"dense_config: unknown key(s) {unknown}; accepted: {list(DENSE_KEYS)}")
+    dense = copy.deepcopy(configs.SPARX_SWIN_VARIANTS.get(name, configs.SPARX_SWIN_DEFAULTS)["dense_config"])
+    dense.update(copy.deepcopy(given_dense))
     num_stages = len(cfg["depths"])
-    if "cross_stage" not in dense or (not any(dense["cross_stage"]) and "cross_stage" not in (dense_override or {})):
+    if "cross_stage" not in given_dense and not any(dense.get("cross_stage", [])):
         dense["cross_stage"] = [False] * num_stages   # all False (released), sized to the stages
     cfg["dense_config"] = dense
     sr = cfg["sr_ratio"]

@@ -6,6 +6,7 @@ The helpers at the top are reused by tests/models/test_sparx_swin.py.
 import json
 import re
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -464,3 +465,12 @@ def test_backward_features_and_grad_accumulation(rng):
     assert not any(g.any() for g in model.grads.values())
     model.astype(np.float32)
     assert model.forward(x.astype(np.float32)).dtype == np.float32
+
+
+def test_numpy_swin_imports_without_torch():
+    """sparx_ref.checkpoint calls the timm hooks from sparx_ref.models.swin: no torch needed."""
+    import subprocess
+    import sys
+    code = ("import sys; import sparx_ref.models.swin, sparx_ref.models.sparx_swin; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parents[2]))
