@@ -238,20 +238,30 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, bias, softplus, y, fast):
     batch, KD, L = u.shape
     K, N = B.shape[1], B.shape[2]
     Dg = KD // K
-    for r in prange(batch * KD):
-        b, c = r // KD, r % KD
+    rows = batch * KD
+    nchunks = min(rows, 64)
+    for chunk in prange(nchunks):       # scratch allocated once per chunk of rows, not per row
         h = np.empty(N, u.dtype)
-        if fast:
-            zb = np.empty(_T, np.float32)
-            dtb = np.empty(_T, np.float32)
-            eb = np.empty(_T, np.float32)
-            kb = np.empty(_T, np.int32)
-            gate = np.empty((N, _T), np.float32)
-            _fwd_row_f32(u[b, c], 0, 1, L, delta[b, c], A[c], B[b, c // Dg], C[b, c // Dg], D[c],
-                         bias[c], softplus, y[b, c], False, h, zb, dtb, eb, kb, gate)
-        else:
-            _fwd_row(u[b, c], 0, 1, L, delta[b, c], A[c], B[b, c // Dg], C[b, c // Dg], D[c], bias[c],
-                     softplus, y[b, c], False, h)
+        zb = np.empty(_T, np.float32)
+        dtb = np.empty(_T, np.float32)
+        eb = np.empty(_T, np.float32)
+        kb = np.empty(_T, np.int32)
+        gate = np.empty((N, _T), np.float32)
+        for r in range(chunk * rows // nchunks, (chunk + 1) * rows // nchunks):
+            _scan_fwd_one(u, delta, A, B, C, D, bias, softplus, y, fast, r, KD, L, Dg, h, zb, dtb, eb, kb,
+                          gate)
+
+
+@njit(cache=True, error_model="numpy")
+def _scan_fwd_one(u, delta, A, B, C, D, bias, softplus, y, fast, r, KD, L, Dg, h, zb, dtb, eb, kb, gate):
+    """Row r = (b, c) of the selective scan forward."""
+    b, c = r // KD, r % KD
+    if fast:
+        _fwd_row_f32(u[b, c], 0, 1, L, delta[b, c], A[c], B[b, c // Dg], C[b, c // Dg], D[c],
+                     bias[c], softplus, y[b, c], False, h, zb, dtb, eb, kb, gate)
+    else:
+        _fwd_row(u[b, c], 0, 1, L, delta[b, c], A[c], B[b, c // Dg], C[b, c // Dg], D[c], bias[c],
+                 softplus, y[b, c], False, h)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
