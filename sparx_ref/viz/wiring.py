@@ -99,7 +99,8 @@ def _draw_plan(ax, plan, title=None, weights=None, max_width=7.0, annotate=False
                 if annotate and w is not None:
                     xm = (xs_ + xg) / 2
                     ax.text(xm, yg + 0.08 + 0.5 * span * abs(rad), f"{w:.2f}",
-                            ha="center", va="bottom", fontsize=6.5, color=_ARC)
+                            ha="center", va="bottom", fontsize=7, color=_ARC, zorder=4,
+                            bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.6))
     for stage, blocks in enumerate(plan):
         x, y = pos[("in", stage)]
         ax.scatter([x], [y], s=70, marker="D", color="#5a8f5a", zorder=3)
@@ -165,8 +166,11 @@ def feature_flow_graph(model_or_variant, contributions: Mapping, title="measured
         if unknown:
             raise ValueError(f"layers.{stage}.blocks.{idx} has sources {list(block.sources)}, "
                              f"not {sorted(unknown)}")
+    import textwrap
     width = max(len(b) for b in plan)
-    fig, axes = new_figure(2.0 + 0.9 * (width + 1), 1.2 + 1.3 * len(plan))
+    fig_width = max(2.0 + 0.9 * (width + 1), 6.0)
+    fig, axes = new_figure(fig_width, 1.2 + 1.3 * len(plan))
+    title = "\n".join(textwrap.wrap(title, width=int(8.5 * fig_width))) if title else title
     _draw_plan(axes[0, 0], plan, title=title, weights=contributions, annotate=annotate)
     return finish(fig, save)
 
