@@ -331,6 +331,17 @@ def acceptance(results):
     return out
 
 
+HEADER = ["problem", "impl", "ms", "floor ms", "frac of floor", "x vs torch/ref"]
+
+
+class _Rows(list):
+    """Rows printed as table lines the moment they exist (a run cut short keeps its rows)."""
+
+    def append(self, row):
+        super().append(row)
+        print(common.fmt_table(HEADER, [row]).splitlines()[-1], flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all numbers here")
@@ -339,7 +350,8 @@ def main(argv=None):
     ap.add_argument("--cpu-threads", type=int, default=2)
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
-    rows, results = [], []
+    rows, results = _Rows(), []
+    print(common.fmt_table(HEADER, []), flush=True)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     gpu_sections = only & {"scan", "cross", "ss2d"}
     if gpu_sections:
@@ -359,10 +371,10 @@ def main(argv=None):
         for name, fn in (("scan", bench_scan), ("cross", bench_cross), ("ss2d", bench_ss2d)):
             if name in gpu_sections:
                 fn(bw, rows, results, backends, args.quick)
-                print(f"# section {name} done", flush=True)
+                if args.json:        # after every section: a run cut short keeps its numbers
+                    Path(args.json).write_text(json.dumps(dict(meta=meta, results=results, rows=rows), indent=1))
     if "cpu" in only:
         bench_cpu(rows, results, args.cpu_threads)
-    print(common.fmt_table(["problem", "impl", "ms", "floor ms", "frac of floor", "x vs torch/ref"], rows))
     for line in acceptance(results):
         print("#", line)
     for r in results:
