@@ -142,14 +142,31 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+# Lookups are cached (a model calls these hundreds of times a step, and a runtime probe such
+# as cupy.is_available() can cost ~0.5 ms); each entry remembers the registry it came from.
+_CACHE: dict = {}
+
+
+def _cached(key, compute):
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is _kernels:
+        return hit[1]
+    value = compute()
+    _CACHE[key] = (_kernels, value)
+    return value
+
+
 def uses_kernel(op: str, backend: str) -> bool:
     """True if ``op`` runs a registered kernel on ``backend`` (False: its torch form)."""
     check_backend(backend)
     if backend == "torch":
         return False
-    fwd, bwd = KERNEL_OPS[op]
-    have = _kernels.registered()
-    return (fwd, backend) in have and (bwd, backend) in have
+
+    def compute():
+        fwd, bwd = KERNEL_OPS[op]
+        have = _kernels.registered()
+        return (fwd, backend) in have and (bwd, backend) in have
+    return _cached(("uses", op, backend), compute)
 
 
 def describe(backend: str) -> dict:
@@ -172,10 +189,13 @@ def _cudasim() -> bool:
 def _kernel(op: str, backend: str, which: int):
     """The registered kernel (0 forward, 1 backward) with a clear error if unusable here."""
     name = KERNEL_OPS[op][which]
-    try:
-        return _kernels.get(name, backend)
-    except KernelUnavailable as err:
-        raise KernelUnavailable(f"{op} with kernel_backend={backend!r}: {err}") from None
+
+    def compute():
+        try:
+            return _kernels.get(name, backend)
+        except KernelUnavailable as err:
+            raise KernelUnavailable(f"{op} with kernel_backend={backend!r}: {err}") from None
+    return _cached(("get", name, backend), compute)
 
 
 def _check_tensors(op: str, backend: str, named: dict) -> torch.device:
