@@ -291,10 +291,27 @@ class _Runtime:
                 current.wait_stream(default)
 
 
+_CUPY_STREAMS: dict = {}
+
+
 def _cupy_stream():
-    import cupy
-    ptr = torch.cuda.current_stream().cuda_stream
-    return cupy.cuda.ExternalStream(ptr) if ptr else contextlib.nullcontext()
+    """PyTorch's current stream as CuPy's current stream (the legacy default stream, ptr 0,
+    is CuPy's default too: nothing to do)."""
+    current = torch.cuda.current_stream()
+    ptr = current.cuda_stream
+    if not ptr:
+        return contextlib.nullcontext()
+    stream = _CUPY_STREAMS.get(ptr)
+    if stream is None:
+        import cupy
+        try:
+            stream = cupy.cuda.Stream.from_external(current)   # CuPy >= 14: the stream protocol
+        except Exception:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                stream = cupy.cuda.ExternalStream(ptr, current.device.index)
+        _CUPY_STREAMS[ptr] = stream
+    return stream
 
 
 def _torch_malloc(size, device_id):
