@@ -34,7 +34,7 @@ def _empty(shape, dtype):
 # ---------------------------------------------------------------------------------------
 # row kernels (one thread, one sequence)
 # ---------------------------------------------------------------------------------------
-@njit(cache=True, error_model="numpy")
+@njit(inline="always", cache=True, error_model="numpy")
 def _pos(kdir, t, H, W):
     """Map index (h*W + w) read at scan index t by direction kdir (0 row-major, 1 column-major,
     2 and 3 the same reversed). The plain scan uses kdir=0, H=1, W=L: the identity."""
@@ -45,13 +45,13 @@ def _pos(kdir, t, H, W):
     return s
 
 
-@njit(cache=True, error_model="numpy")
+@njit(inline="always", cache=True, error_model="numpy")
 def _softplus(z):
     # PyTorch's softplus: identity above the threshold 20
     return z if z > 20.0 else math.log1p(math.exp(z))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(inline="always", cache=True, error_model="numpy")
 def _dsoftplus(z):
     return 1.0 if z > 20.0 else 1.0 / (1.0 + math.exp(-z))
 
@@ -178,7 +178,7 @@ def _softplus_block(z, tmp, e, k, dt, m):
         dt[i] = max(z[i], _F(0.0)) + _F(2.0) * s * series
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"contract"})   # a h + x as one FMA: the chain's latency
 def _fwd_row_f32(u, kdir, H, W, delta, A_c, B_g, C_g, D_c, bias, softplus, y, accumulate, h,
                  zb, dtb, eb, kb, gate):
     """_fwd_row for float32: gates for T steps at a time with _exp_block, then the recurrence.
