@@ -30,7 +30,7 @@ LESSONS := $(wildcard lessons/[0-9][0-9]_*.py)
 lessons: $(STAMP)
 	rm -rf lessons/_notebooks && mkdir -p lessons/_notebooks
 	for f in $(LESSONS); do $(PY) -m jupytext --quiet --to ipynb --output lessons/_notebooks/$$(basename $$f .py).ipynb $$f || exit 1; done
-	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -p no:cacheprovider --nbmake -n 2 --durations=0 lessons/_notebooks
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=900 -n 2 --durations=0 lessons/_notebooks
 
 demo: $(STAMP)
 	$(PY) -m sparx_ref.demo
