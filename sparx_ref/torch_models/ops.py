@@ -34,7 +34,7 @@ kernel's own backward. Tensors cross over without a copy:
   (``NUMBA_ENABLE_CUDASIM=1``) CPU tensors are accepted and copied to the simulator's
   arrays: that is how the Functions are tested without a GPU (tiny shapes only).
 - ``cupy``: CUDA tensors through DLPack (``cupy.from_dlpack`` / ``torch.from_dlpack``); the
-  kernels run on PyTorch's current stream (``cupy.cuda.ExternalStream``) and allocate from
+  kernels run on PyTorch's current stream (``cupy.cuda.Stream.from_external``) and allocate from
   PyTorch's caching allocator (``cupy.cuda.using_allocator``, scoped to the call).
 
 Inputs may be non-contiguous (they are made contiguous first, a no-op when they already
