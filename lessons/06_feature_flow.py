@@ -59,13 +59,15 @@ fig
 # Widths 16-32-48-64, depths 1-2-3-1, 335k parameters; the released wiring rule with
 # `dense_step [1, 1, 2, 1]`, `dense_start [100, 1, 0, 0]` puts ganglion layers in stages
 # 1-3 (the plan is drawn below). Recipe: 4 epochs, AdamW, one-cycle cosine schedule, small
-# random translations (`synthetic.train_small_sparx_mamba`). The time budget is 3 minutes
-# on 2 cores; we check it as CPU time (at most 2 x 180 s), which does not depend on what
-# else the machine is doing.
+# random translations (`synthetic.train_small_sparx_mamba`). It trains on **one** thread:
+# for tensors this small a second thread barely helps, and the second core is free for
+# whatever else runs (the other lessons, under `make test`). The budget is 3 minutes on
+# 2 cores; we check it as CPU time (at most 2 x 180 s), which does not depend on what else
+# the machine is doing.
 
 # %%
 print(synthetic.SMALL_SPARX_MAMBA)
-result = synthetic.train_small_sparx_mamba(train, test, threads=2)
+result = synthetic.train_small_sparx_mamba(train, test, threads=1)
 for h in result.history:
     print(f"epoch {h['epoch']}: loss {h['loss']:.3f}, train accuracy {h['train_acc']:.3f}, {h['seconds']:.0f} s")
 print(f"held-out accuracy {result.test_accuracy:.4f}; training took {result.seconds:.0f} s wall, "

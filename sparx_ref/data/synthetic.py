@@ -303,7 +303,7 @@ def train_small_sparx_mamba(train: SyntheticDataset | None = None,
                             test: SyntheticDataset | None = None, *,
                             epochs: int = 4, batch_size: int = 128, lr: float = 3e-3,
                             weight_decay: float = 0.05, seed: int = 0,
-                            config: dict | None = None, threads: int | None = 2,
+                            config: dict | None = None, threads: int | None = 1,
                             progress: bool = False, time_limit: float | None = None,
                             eval_each_epoch: bool = False) -> TrainResult:
     """Train the small SparX-Mamba twin on the synthetic data; return the model and accuracies.
