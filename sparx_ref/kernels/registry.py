@@ -54,6 +54,9 @@ _TABLE: list[Entry] = [
                             "into y (no cross-scan copy)"),
           ("ss2d_scan_bwd", "fused: reads x and dy in each direction; per-direction dx planes "
                             "added in a fixed order"))],
+    # Defaults are the fastest versions measured (H200, 2026-11-27, benchmarks/RESULTS.md):
+    # the composed ss2d scan (1.41 ms fwd) beat the fused one (3.61 ms) on CuPy, so "fused"
+    # stays in the ladder as a rung that has not yet earned its place.
     *[row for backend in ("numba_cuda", "cupy") for row in (
         Entry("selective_scan_fwd", backend, "naive",
               f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd_naive", False,
@@ -75,19 +78,22 @@ _TABLE: list[Entry] = [
         Entry("cross_merge", backend, "tiled", f"sparx_ref.kernels.{backend}.scan:cross_merge", True,
               "32x32 tile through shared memory for the transposed directions"),
         Entry("ss2d_scan_fwd", backend, "composed",
-              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd_composed", False,
+              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd_composed", True,
               "cross_scan + selective scan + cross_merge kernels: three passes through memory"),
         Entry("ss2d_scan_fwd", backend, "fused", f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd",
-              True, "one block per (batch, channel): the map read once into shared memory, four "
+              False, "one block per (batch, channel): the map read once into shared memory, four "
                     "directions scanned from there, y written once in a fixed order"),
         Entry("ss2d_scan_bwd", backend, "composed",
-              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_bwd_composed", False,
+              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_bwd_composed", True,
               "cross_scan(dy) + scan backward + cross_merge(du)"),
         Entry("ss2d_scan_bwd", backend, "fused", f"sparx_ref.kernels.{backend}.scan:ss2d_scan_bwd",
-              True, "x and dy maps in shared memory, four directions, dx written once; dB/dC by "
+              False, "x and dy maps in shared memory, four directions, dx written once; dB/dC by "
                     "atomics over channels"),
     )],
     # --- attention kernels (issue: attention kernels) ---------------------------------
+    # CuPy's default window kernels are the per-shape "static" ones (fwd+bwd 1.09 ms vs 2.10 ms
+    # fused, H200 2026-11-27; NVRTC compiles a shape in well under a second). Numba's default
+    # stays "fused": its static rung is only ~13% faster but costs ~20 s of JIT per shape.
     Entry("window_attention_fwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element, intermediates in device memory"),
     Entry("window_attention_fwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_fused", True,
@@ -110,15 +116,15 @@ _TABLE: list[Entry] = [
           "tiled GEMMs for dv = P^T dout, dP = dout v^T, dq = dS k, dk = dS^T q"),
     Entry("window_attention_fwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:window_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element, intermediates in device memory"),
-    Entry("window_attention_fwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_fwd_fused", True,
+    Entry("window_attention_fwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_fwd_fused", False,
           "one block per (window, head): N x N scores in shared memory, fused bias+mask+softmax+P v, 4x4 register tiles"),
-    Entry("window_attention_fwd", "cupy", "static", "sparx_ref.kernels.cupy.attention:window_attention_fwd_static", False,
+    Entry("window_attention_fwd", "cupy", "static", "sparx_ref.kernels.cupy.attention:window_attention_fwd_static", True,
           "the fused kernel compiled per (N, hd): constant loop bounds unrolled, score tiles in registers"),
     Entry("window_attention_bwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:window_attention_bwd_naive", False,
           "explicit backward: one thread per gradient element, dS through device memory, dbias by a column sum"),
-    Entry("window_attention_bwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_bwd_fused", True,
+    Entry("window_attention_bwd", "cupy", "fused", "sparx_ref.kernels.cupy.attention:window_attention_bwd_fused", False,
           "one block per (head, window set): P and dS in shared memory, dbias in per-block slabs (no atomics)"),
-    Entry("window_attention_bwd", "cupy", "static", "sparx_ref.kernels.cupy.attention:window_attention_bwd_static", False,
+    Entry("window_attention_bwd", "cupy", "static", "sparx_ref.kernels.cupy.attention:window_attention_bwd_static", True,
           "the fused backward compiled per (N, hd): unrolled, bias-gradient shares in registers across windows"),
     Entry("dmca_attention_fwd", "cupy", "naive", "sparx_ref.kernels.cupy.attention:dmca_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element"),

@@ -45,7 +45,9 @@ def test_ladders_exist_where_they_teach():
     for backend in ("numba_cuda", "cupy"):
         assert kernels.versions("selective_scan_fwd", backend)[:2] == ["naive", "warp"]
         assert set(kernels.versions("cross_scan", backend)) == {"naive", "tiled"}
-        assert [e.version for e in kernels.entries("ss2d_scan_fwd", backend) if e.default] == ["fused"]
+        assert set(kernels.versions("ss2d_scan_fwd", backend)) == {"composed", "fused"}
+        # the default is the faster one measured on a GPU (benchmarks/RESULTS.md): composed
+        assert [e.version for e in kernels.entries("ss2d_scan_fwd", backend) if e.default] == ["composed"]
 
 
 def test_get_returns_the_default_and_named_versions():
