@@ -33,7 +33,7 @@ lessons: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=900 -n 2 --durations=0 lessons/_notebooks
 
 demo: $(STAMP)
-	$(PY) -m sparx_ref.demo
+	$(PY) -m sparx_ref.demo $(ARGS)
 
 gpu-check: $(STAMP)
 	./scripts/gpu-check
