@@ -261,7 +261,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
 # A small SparX-Mamba for 32x32 inputs. Stem stride 4 -> 8x8, then 4x4, 2x2, 1x1 maps.
 # Ganglion layers (by the released wiring rule): stage 1 block 1 <- [stage input, s1.l0];
 # stage 2 block 0 <- [stage input], block 2 <- [s2.l1, s2.l0]; stage 3 block 0 <- [stage input].
-# 335k parameters; about 24 s per epoch of 6,000 images on 2 cores (batch 128).
+# 335k parameters; about 18-24 s per epoch of 6,000 images on one or two cores (batch 128).
 SMALL_SPARX_MAMBA = dict(
     depths=[1, 2, 3, 1],
     dims=[16, 32, 48, 64],
@@ -311,9 +311,9 @@ def train_small_sparx_mamba(train: SyntheticDataset | None = None,
     Recipe: :data:`SMALL_SPARX_MAMBA`, 4 epochs of 6,000 images, batch 128, AdamW (lr 3e-3,
     weight decay 0.05 on weights, none on norms/biases/A_logs/Ds), one-cycle cosine schedule
     with 5% warm-up, label smoothing 0.05, random translations of up to 2 pixels (no flips:
-    a mirror image swaps classes 0/1 and 8/9), float32. Measured on 2 cores of a Xeon
-    (taskset, 2 torch threads): 97 s of training, 190 s CPU, 95.3% held-out accuracy
-    (5 epochs: 119 s, 98.0%; 8 epochs: 99.9%).
+    a mirror image swaps classes 0/1 and 8/9), float32. Measured: one thread, 71 s and 97.6%
+    held-out accuracy; 2 threads on 2 Xeon cores, 97 s and 95.3% (5 epochs: 119 s, 98.0%;
+    8 epochs: 99.9%). Results differ slightly with the thread count (reduction order).
     ``time_limit`` (seconds) stops early between batches if exceeded. ``eval_each_epoch``
     adds the held-out accuracy to every epoch's history entry (costs one evaluation each).
     """
