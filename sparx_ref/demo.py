@@ -10,8 +10,10 @@
    present). Print one table: logits error relative to the oracle, the worst block output,
    and the time of each forward pass.
 4. With a checkpoint, print the top-5 ImageNet classes by name.
-5. Write the feature-flow figures to ``figures/``: the connectivity diagrams of T, S and B,
-   DMCA attention maps, the measured feature-flow graph and source vs aggregated maps.
+5. Write the feature-flow figures to ``figures/demo_*.png`` (git-ignored: they depend on the
+   weights): the connectivity diagrams of T, S and B, DMCA attention maps, the measured
+   feature-flow graph and source vs aggregated maps. The committed figures the README shows
+   come from the same ``sparx_ref.viz`` functions (``python -m sparx_ref.viz.gallery``).
 """
 from __future__ import annotations
 
@@ -182,13 +184,13 @@ def write_figures(twin, x, figures_dir, oracle_recorded, trained: bool) -> list:
     written = []
     bar = _progress(4, "figures")
 
-    path = figures_dir / "connectivity_sparx_mamba.png"
+    path = figures_dir / "demo_connectivity_sparx_mamba.png"
     plt.close(wiring.connectivity_diagrams(save=path))
     written.append(path)
     bar.update()
 
     attn_key = next(k for k in oracle_recorded if k.endswith(".op.attn"))
-    path = figures_dir / "dmca_attention.png"
+    path = figures_dir / "demo_dmca_attention.png"
     plt.close(maps.dmca_attention_maps(np.asarray(oracle_recorded[attn_key]),
                                        title=f"DMCA channel attention, {attn_key}{suffix}", save=path))
     written.append(path)
@@ -196,7 +198,7 @@ def write_figures(twin, x, figures_dir, oracle_recorded, trained: bool) -> list:
 
     images = torch.from_numpy(x)
     contributions = flow.ablation_contributions(twin, images, batch_size=1)
-    path = figures_dir / "feature_flow_sparx_mamba_t.png"
+    path = figures_dir / "demo_feature_flow_sparx_mamba_t.png"
     plt.close(wiring.feature_flow_graph(twin.plan, contributions["op"],
                                         title=f"measured contribution of each source{suffix}", save=path))
     written.append(path)
@@ -204,7 +206,7 @@ def write_figures(twin, x, figures_dir, oracle_recorded, trained: bool) -> list:
 
     stage, idx = 2, 6
     rows = flow.source_feature_maps(twin, images, stage, idx)
-    path = figures_dir / "sources_vs_aggregated.png"
+    path = figures_dir / "demo_sources_vs_aggregated.png"
     plt.close(maps.feature_maps(rows, save=path))
     written.append(path)
     bar.update()
