@@ -98,7 +98,7 @@ def _draw_plan(ax, plan, title=None, weights=None, max_width=7.0, annotate=False
                                              zorder=2))
                 if annotate and w is not None:
                     xm = (xs_ + xg) / 2
-                    ax.text(xm, yg + 0.08 + 0.5 * span * abs(rad), f"{w:.2f}",
+                    ax.text(xm, yg + 0.08 + 0.5 * span * abs(rad), f"{w:.2g}",
                             ha="center", va="bottom", fontsize=7, color=_ARC, zorder=4,
                             bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.6))
     for stage, blocks in enumerate(plan):
