@@ -40,7 +40,11 @@ def test_lesson_listed_in_readme(source):
     assert source.name in readme, f"lessons/README.md does not mention {source.name}"
 
 
+MACHINE_DIRS = ("work", "tmp", "root")   # top-level folders of the machines we develop on
+
+
 def test_no_machine_paths_in_lessons():
     for source in SOURCES:
         text = source.read_text()
-        assert "/work/" not in text and "/tmp/" not in text, f"{source.name} hard-codes a machine path"
+        for folder in MACHINE_DIRS:
+            assert f"/{folder}/" not in text, f"{source.name} hard-codes a machine path (/{folder}/...)"
