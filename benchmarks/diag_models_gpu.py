@@ -1,0 +1,116 @@
+"""Diagnostics of the twins on the GPU backends (issue 7): are the kernels really called, and
+do whole-model logits agree with kernel_backend "torch"? Needs CUDA. Not a benchmark.
+
+For each model and GPU backend, on the same weights and 4 images:
+
+- the number of calls of each kernel-backed autograd Function in one eval forward (0 would
+  mean the backend silently ran its torch form);
+- max|logits - torch| / max|torch| and whether the two logits tensors share memory;
+- the same after the model's memory has been churned (a training step on another batch),
+  which is when a use-after-free in the torch <-> CuPy / Numba memory sharing would show;
+- ``--profile``: the 15 CUDA kernels taking the most time in one inference batch of
+  sparx_mamba_t on each GPU backend (torch.profiler).
+
+    NUMBA_ENABLE_CUDASIM=0 python benchmarks/diag_models_gpu.py [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def count_calls():
+    """Wrap every kernel autograd Function's ``apply`` to count calls; returns the Counter."""
+    from sparx_ref.torch_models import ops
+    counts = collections.Counter()
+    for name in ("SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
+                 "DMCAAttentionFn"):
+        fn = getattr(ops, name)
+        original = fn.apply
+
+        def counted(*args, _original=original, _name=name):
+            counts[_name] += 1
+            return _original(*args)
+        fn.apply = counted
+    return counts
+
+
+def main():
+    import torch
+    import torch.nn.functional as F
+    from sparx_ref.testing import rel_err
+    from sparx_ref.torch_models import build_model, ops
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["sparx_mamba_t", "swin_t", "sparx_swin_t"])
+    p.add_argument("--backends", nargs="+", default=["cupy", "numba_cuda"])
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    counts = count_calls()
+    dev = "cuda"
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in args.models:
+        torch.manual_seed(0)
+        ref = build_model(name, kernel_backend="torch").to(dev).eval()
+        state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+        x = torch.randn(4, 3, 224, 224, device=dev)
+        with torch.no_grad():
+            ref_logits = ref(x)
+        ref_copy = ref_logits.clone()
+        for backend in args.backends:
+            torch.manual_seed(0)
+            model = build_model(name, kernel_backend=backend).to(dev)
+            model.load_state_dict(state)
+            model.eval()
+            counts.clear()
+            with torch.no_grad():
+                logits = model(x)
+            torch.cuda.synchronize()
+            calls = dict(counts)
+            err = rel_err(logits, ref_copy)
+            same = logits.data_ptr() == ref_logits.data_ptr()
+            ref_changed = rel_err(ref_logits, ref_copy)
+            # churn the allocator: one training step at batch 8, then the eval forward again
+            model.train()
+            xb = torch.randn(8, 3, 224, 224, device=dev)
+            loss = F.cross_entropy(model(xb), torch.randint(0, 1000, (8,), device=dev))
+            loss.backward()
+            model.eval()
+            with torch.no_grad():
+                logits2 = model(x)
+            torch.cuda.synchronize()
+            err2 = rel_err(logits2, ref_copy)
+            repeat = rel_err(logits2, logits)
+            print(f"{name:14s} {backend:10s} kernel calls {calls}  describe {ops.describe(backend)}")
+            print(f"{name:14s} {backend:10s} rel err vs torch {err:.3e} (after churn {err2:.3e}; "
+                  f"repeat vs first {repeat:.3e}); shares memory with ref: {same}; ref changed: {ref_changed:.1e}")
+            del model, logits, logits2, xb, loss
+            torch.cuda.empty_cache()
+        del ref
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for backend in args.backends:
+            model = build_model("sparx_mamba_t", kernel_backend=backend).to(dev).eval()
+            xi = torch.randn(64, 3, 224, 224, device=dev)
+            with torch.no_grad():
+                model(xi)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                    model(xi)
+                    torch.cuda.synchronize()
+            print(f"\n# profile: sparx_mamba_t inference, batch 64, {backend}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+            del model, xi
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
