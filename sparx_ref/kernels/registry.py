@@ -83,6 +83,10 @@ _TABLE: list[Entry] = [
         Entry("ss2d_scan_fwd", backend, "fused", f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd",
               False, "one block per (batch, channel): the map read once into shared memory, four "
                     "directions scanned from there, y written once in a fixed order"),
+        Entry("ss2d_scan_fwd", backend, "quad", f"sparx_ref.kernels.{backend}.ss2d:ss2d_scan_fwd_quad",
+              False, "a block of 4 warps per (batch, channel), warp k scans direction k from the "
+                    "shared map, ITEMS steps per lane; directions merged by two 2-addend shared "
+                    "accumulators (deterministic)"),
         Entry("ss2d_scan_bwd", backend, "composed",
               f"sparx_ref.kernels.{backend}.scan:ss2d_scan_bwd_composed", True,
               "cross_scan(dy) + scan backward + cross_merge(du)"),
