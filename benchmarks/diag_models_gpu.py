@@ -43,6 +43,47 @@ def count_calls():
     return counts
 
 
+def op_agreement(backends):
+    """selective_scan / cross_scan / cross_merge on the inputs sparx_mamba_t's first block of each
+    stage really sees (batch 2): each backend vs the torch form, and how many elements agree
+    bit for bit."""
+    import dataclasses
+
+    import torch
+    from sparx_ref.testing import rel_err
+    from sparx_ref.torch_models import build_model, ops
+
+    torch.manual_seed(0)
+    model = build_model("sparx_mamba_t", kernel_backend="torch").cuda().eval()
+    captured = []
+    for module in model.modules():
+        table = getattr(module, "kernels", None)
+        if table is None or not hasattr(table, "selective_scan") or not hasattr(module, "forward_ssm"):
+            continue
+
+        def record(*a, _orig=table.selective_scan, **kw):
+            if len(captured) < 16:
+                captured.append((a, kw))
+            return _orig(*a, **kw)
+        module.kernels = dataclasses.replace(table, selective_scan=record)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 224, 224, device="cuda"))
+    print("\n# per-op agreement at sparx_mamba_t's layer inputs (rel err; fraction of elements equal bit for bit)")
+    for i, (a, kw) in enumerate(captured[::3]):
+        ref = ops.selective_scan(*a, **kw, backend="torch")
+        u, delta = a[0], a[1]
+        dt = torch.nn.functional.softplus(delta + a[6][None, :, None])
+        line = [f"scan {tuple(u.shape)} dt in [{dt.min():.2g}, {dt.max():.2g}]"]
+        for backend in backends:
+            got = ops.selective_scan(*a, **kw, backend=backend)
+            line.append(f"{backend} {rel_err(got, ref):.2e} / {(got == ref).float().mean():.4f}")
+        x = torch.randn(2, 96, 56 // (i + 1) + 1, 56 // (i + 1), device="cuda")
+        for backend in backends:
+            xs = ops.cross_scan(x, backend=backend)
+            line.append(f"{backend} cross_scan exact {bool((xs == ops.cross_scan(x)).all())}")
+        print("  " + "; ".join(line))
+
+
 def main():
     import torch
     import torch.nn.functional as F
@@ -53,6 +94,7 @@ def main():
     p.add_argument("--models", nargs="+", default=["sparx_mamba_t", "swin_t", "sparx_swin_t"])
     p.add_argument("--backends", nargs="+", default=["cupy", "numba_cuda"])
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--ops", action="store_true", help="per-op agreement at sparx_mamba_t's own layer inputs")
     args = p.parse_args()
     counts = count_calls()
     dev = "cuda"
@@ -83,6 +125,7 @@ def main():
             xb = torch.randn(8, 3, 224, 224, device=dev)
             loss = F.cross_entropy(model(xb), torch.randint(0, 1000, (8,), device=dev))
             loss.backward()
+            model.load_state_dict(state)   # the train-mode forward moved BatchNorm running stats
             model.eval()
             with torch.no_grad():
                 logits2 = model(x)
@@ -95,6 +138,8 @@ def main():
             del model, logits, logits2, xb, loss
             torch.cuda.empty_cache()
         del ref
+    if args.ops:
+        op_agreement(args.backends)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         for backend in args.backends:
