@@ -152,7 +152,15 @@ def main():
                     model(xi)
                     torch.cuda.synchronize()
             print(f"\n# profile: sparx_mamba_t inference, batch 64, {backend}")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+            model.train()
+            yb = torch.randint(0, 1000, (64,), device=dev)
+            for step in range(2):   # the second step is profiled
+                with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                    torch.nn.functional.cross_entropy(model(xi), yb).backward()
+                    torch.cuda.synchronize()
+            print(f"\n# profile: sparx_mamba_t forward+backward, batch 64, {backend}")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
             del model, xi
             torch.cuda.empty_cache()
 
