@@ -67,3 +67,32 @@ def test_cupy_source_compiles_for_compute90(name, src, opts):
         log = b" " * size
         nvrtc.nvrtcGetProgramLog(prog, log)
         pytest.fail(f"NVRTC failed for {name}:\n{log.decode(errors='replace')}")
+
+
+# --- ss2d "quad" forward (sparx_ref/kernels/{numba_cuda,cupy}/ss2d.py): besides compiling, its
+# per-lane register arrays (ITEMS steps x NSTATE) must stay in registers: no .local, no .f64
+@pytest.mark.parametrize("n", [0, 1])
+def test_ss2d_quad_numba_ptx_has_no_local_memory_and_no_f64(n):
+    from numba import cuda
+    from sparx_ref.kernels.numba_cuda.ss2d import PTX_KERNELS
+    name, fn, sig = PTX_KERNELS[n]
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    assert ".local" not in ptx and ".f64" not in ptx, name
+
+
+@pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DITEMS=4"), ("-DNSTATE=2", "-DITEMS=4"),
+                                  ("-DNSTATE=1", "-DITEMS=8")])
+def test_ss2d_quad_cuda_ptx_has_no_local_memory_and_no_f64(opts):
+    from cuda.bindings import nvrtc
+    from sparx_ref.kernels.cupy.ss2d import CUDA_SOURCES
+    err, prog = nvrtc.nvrtcCreateProgram(CUDA_SOURCES["ss2d_quad"].encode(), b"ss2d_quad.cu", 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    args = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [o.encode() for o in opts]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
+    assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, opts
+    _, size = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    ptx = ptx.decode(errors="replace")
+    assert ".local" not in ptx and ".f64" not in ptx, opts
+    assert ptx.count("atom.shared.add.f32") + ptx.count("red.shared.add.f32") > 0, "shared atomics"

@@ -26,6 +26,10 @@ from .scan import (SHARED_LIMIT, SIMULATOR, _empty, _flat, _or_zeros, _wrap, shf
 
 __all__ = ["ss2d_scan_fwd_quad"]
 
+if SIMULATOR:  # pragma: no cover - the simulator swaps ``cuda`` only in the globals of jitted
+    # functions; scan.py's emulated shuffles are plain Python there, so wrap them to get the swap
+    shfl_up2, shfl_idx = cuda.jit(device=True)(shfl_up2), cuda.jit(device=True)(shfl_idx)
+
 f32 = np.float32
 QUAD_ITEMS = 2 if SIMULATOR else 4   # consecutive steps per lane (simulator: 64-step rounds)
 QUAD_THREADS = 128                   # four warps, one per direction
