@@ -55,17 +55,26 @@ def op_agreement(backends):
 
     torch.manual_seed(0)
     model = build_model("sparx_mamba_t", kernel_backend="torch").cuda().eval()
-    captured = []
+    captured, attention, merges = [], [], []
     for module in model.modules():
         table = getattr(module, "kernels", None)
-        if table is None or not hasattr(table, "selective_scan") or not hasattr(module, "forward_ssm"):
+        if table is None or not hasattr(table, "selective_scan"):
             continue
 
         def record(*a, _orig=table.selective_scan, **kw):
             if len(captured) < 16:
                 captured.append((a, kw))
             return _orig(*a, **kw)
-        module.kernels = dataclasses.replace(table, selective_scan=record)
+
+        def record_attention(q, k, v, _orig=table.channel_attention):
+            attention.append((q, k, v))
+            return _orig(q, k, v)
+
+        def record_merge(ys, H, W, _orig=table.cross_merge):
+            merges.append((ys, H, W))
+            return _orig(ys, H, W)
+        module.kernels = dataclasses.replace(table, selective_scan=record, channel_attention=record_attention,
+                                             cross_merge=record_merge)
     with torch.no_grad():
         model(torch.randn(2, 3, 224, 224, device="cuda"))
     print("\n# per-op agreement at sparx_mamba_t's layer inputs (rel err; fraction of elements equal bit for bit)")
@@ -81,6 +90,22 @@ def op_agreement(backends):
         for backend in backends:
             xs = ops.cross_scan(x, backend=backend)
             line.append(f"{backend} cross_scan exact {bool((xs == ops.cross_scan(x)).all())}")
+        print("  " + "; ".join(line))
+    for ys, H, W in merges[::4]:
+        ref = ops.cross_merge(ys, H, W)
+        line = [f"cross_merge {tuple(ys.shape)}"]
+        for backend in backends:
+            got = ops.cross_merge(ys, H, W, backend=backend)
+            line.append(f"{backend} {rel_err(got, ref):.2e} / {(got == ref).float().mean():.4f}")
+        print("  " + "; ".join(line))
+    for q, k, v in attention:
+        ref_out, ref_attn = ops.dmca_attention(q, k, v, groups=1)
+        scores = (q @ k.transpose(-1, -2)).abs().max() / q.shape[-1] ** 0.5
+        line = [f"dmca {tuple(q.shape)} {tuple(v.shape)} max|score| {scores:.3g}"]
+        for backend in backends:
+            out, attn = ops.dmca_attention(q, k, v, groups=1, backend=backend)
+            line.append(f"{backend} out {rel_err(out, ref_out):.2e} / {(out == ref_out).float().mean():.4f}, "
+                        f"attn {rel_err(attn, ref_attn):.2e}")
         print("  " + "; ".join(line))
 
 
