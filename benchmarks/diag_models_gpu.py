@@ -43,7 +43,7 @@ def count_calls():
     return counts
 
 
-def op_agreement(backends):
+def op_agreement(backends, dev="cuda"):
     """selective_scan / cross_scan / cross_merge on the inputs sparx_mamba_t's first block of each
     stage really sees (batch 2): each backend vs the torch form, and how many elements agree
     bit for bit."""
@@ -54,7 +54,7 @@ def op_agreement(backends):
     from sparx_ref.torch_models import build_model, ops
 
     torch.manual_seed(0)
-    model = build_model("sparx_mamba_t", kernel_backend="torch").cuda().eval()
+    model = build_model("sparx_mamba_t", kernel_backend="torch").to(dev).eval()
     captured, attention, merges = [], [], []
     for module in model.modules():
         table = getattr(module, "kernels", None)
@@ -76,7 +76,7 @@ def op_agreement(backends):
         module.kernels = dataclasses.replace(table, selective_scan=record, channel_attention=record_attention,
                                              cross_merge=record_merge)
     with torch.no_grad():
-        model(torch.randn(2, 3, 224, 224, device="cuda"))
+        model(torch.randn(2, 3, 224, 224, device=dev))
     print("\n# per-op agreement at sparx_mamba_t's layer inputs (rel err; fraction of elements equal bit for bit)")
     for i, (a, kw) in enumerate(captured[::3]):
         ref = ops.selective_scan(*a, **kw, backend="torch")
@@ -86,7 +86,7 @@ def op_agreement(backends):
         for backend in backends:
             got = ops.selective_scan(*a, **kw, backend=backend)
             line.append(f"{backend} {rel_err(got, ref):.2e} / {(got == ref).float().mean():.4f}")
-        x = torch.randn(2, 96, 56 // (i + 1) + 1, 56 // (i + 1), device="cuda")
+        x = torch.randn(2, 96, 56 // (i + 1) + 1, 56 // (i + 1), device=dev)
         for backend in backends:
             xs = ops.cross_scan(x, backend=backend)
             line.append(f"{backend} cross_scan exact {bool((xs == ops.cross_scan(x)).all())}")
