@@ -31,6 +31,8 @@ import os
 import numpy as np
 from numba import cuda
 
+from ._launch import flat, launch
+
 __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
     "window_attention_fwd_naive", "window_attention_bwd_naive",
@@ -794,10 +796,6 @@ def _device(name, x, ndim):
     return d
 
 
-def _flat(d):
-    return d.reshape(int(np.prod(d.shape)))
-
-
 def _empty(shape, dtype):
     return cuda.device_array(tuple(int(s) for s in shape), dtype=dtype)
 
@@ -829,29 +827,30 @@ def _blocks(n, threads=THREADS):
 
 def _bmm(version, dt, A, B, C, batch, M, N, K, sA, sB, alpha):
     """C (batch, M, N) = alpha * A @ B, element strides sA = (b, m, k), sB = (b, k, n)."""
-    args = (_flat(A), _flat(B), _flat(C), np.int64(batch), np.int64(M), np.int64(N), np.int64(K),
+    args = (flat(A), flat(B), flat(C), np.int64(batch), np.int64(M), np.int64(N), np.int64(K),
             np.int64(sA[0]), np.int64(sA[1]), np.int64(sA[2]), np.int64(sB[0]), np.int64(sB[1]),
             np.int64(sB[2]), dt.type(alpha))
     if version == "naive":
-        _k(dt, "bmm_naive")[_blocks(batch * M * N), THREADS](*args)
+        launch(_k(dt, "bmm_naive"), _blocks(batch * M * N), THREADS, *args)
     else:
         grid = ((N + TILE - 1) // TILE, (M + TILE - 1) // TILE, batch)
-        _k(dt, "bmm_tiled")[grid, (TILE // MICRO) ** 2](*args)
+        launch(_k(dt, "bmm_tiled"), grid, (TILE // MICRO) ** 2, *args)
 
 
 def _softmax_rows(dt, S, rows, N, bias=None, mask=None, nH=1, nW=1):
-    dummy = _empty((1,), dt)
-    _k(dt, "softmax_rows")[_blocks(rows), THREADS](
-        _flat(S), dummy if bias is None else _flat(bias), dummy if mask is None else _flat(mask), np.int64(rows),
+    S = flat(S)
+    unused = S      # stands in for a missing bias / mask: the kernel never reads it (has_bias / has_mask 0)
+    launch(_k(dt, "softmax_rows"), _blocks(rows), THREADS,
+        S, unused if bias is None else flat(bias), unused if mask is None else flat(mask), np.int64(rows),
         np.int64(N), np.int64(nH), np.int64(nW), np.int64(bias is not None), np.int64(mask is not None))
 
 
 def _softmax_bwd_rows(dt, P, dP, rows, N):
-    _k(dt, "softmax_bwd_rows")[_blocks(rows), THREADS](_flat(P), _flat(dP), np.int64(rows), np.int64(N))
+    launch(_k(dt, "softmax_bwd_rows"), _blocks(rows), THREADS, flat(P), flat(dP), np.int64(rows), np.int64(N))
 
 
 def _sum_leading(dt, X, nb, inner, out):
-    _k(dt, "sum_leading")[_blocks(inner), THREADS](_flat(X), _flat(out), np.int64(nb), np.int64(inner))
+    launch(_k(dt, "sum_leading"), _blocks(inner), THREADS, flat(X), flat(out), np.int64(nb), np.int64(inner))
 
 
 def _fused_chunk(N, itemsize, n_square):
@@ -894,10 +893,10 @@ def _window_fwd(version, q, k, v, bias, mask, scale):
     SDC = _static_chunk(N, hd, dt.itemsize, 1) if version == "static" else None
     DC = _fused_chunk(N, dt.itemsize, 1) if version in ("fused", "static") else None
     if SDC is not None:
-        dummy = _empty((1,), dt)
-        _static_k(dt, "window_fwd_static", N, hd, SDC, STATIC_THREADS)[Bw * nH, STATIC_THREADS](
-            _flat(q), _flat(k), _flat(v), _flat(bias), dummy if mask is None else _flat(mask), _flat(out),
-            _flat(probs), np.int64(nH), np.int64(nW), np.int64(mask is not None), dt.type(scale))
+        bias_f = flat(bias)     # also stands in for a missing mask: never read when has_mask is 0
+        launch(_static_k(dt, "window_fwd_static", N, hd, SDC, STATIC_THREADS), Bw * nH, STATIC_THREADS,
+            flat(q), flat(k), flat(v), bias_f, bias_f if mask is None else flat(mask), flat(out),
+            flat(probs), np.int64(nH), np.int64(nW), np.int64(mask is not None), dt.type(scale))
     elif DC is None:
         BH = Bw * nH
         _bmm("naive", dt, q, k, probs, BH, N, N, hd, (N * hd, hd, 1), (N * hd, 1, hd), scale)
@@ -905,11 +904,11 @@ def _window_fwd(version, q, k, v, bias, mask, scale):
         _bmm("naive", dt, probs, v, out, BH, N, hd, N, (N * N, N, 1), (N * hd, hd, 1), 1.0)
     else:
         smem = (N * (N + 1) + 2 * N * (DC + 1)) * dt.itemsize
-        dummy = _empty((1,), dt)
-        _k(dt, "window_fwd_fused")[Bw * nH, FUSED_THREADS, 0, smem](
-            _flat(q), _flat(k), _flat(v), _flat(bias), dummy if mask is None else _flat(mask), _flat(out),
-            _flat(probs), np.int64(nH), np.int64(N), np.int64(hd), np.int64(nW), np.int64(mask is not None),
-            np.int64(DC), dt.type(scale))
+        bias_f = flat(bias)     # also stands in for a missing mask: never read when has_mask is 0
+        launch(_k(dt, "window_fwd_fused"), Bw * nH, FUSED_THREADS,
+            flat(q), flat(k), flat(v), bias_f, bias_f if mask is None else flat(mask), flat(out),
+            flat(probs), np.int64(nH), np.int64(N), np.int64(hd), np.int64(nW), np.int64(mask is not None),
+            np.int64(DC), dt.type(scale), sharedmem=smem)
     cache = {"q": q, "k": k, "v": v, "probs": _wrap(probs, like_cupy), "scale": scale,
              "_probs_dev": probs, "_like_cupy": like_cupy}
     return _wrap(out, like_cupy), cache
@@ -931,9 +930,9 @@ def _window_bwd(version, dout, cache):
     if SDC is not None:
         npart = min(Bw, NPART_MAX)
         partial = _empty((npart, nH, N, N), dt)
-        _static_k(dt, "window_bwd_static", N, hd, SDC, STATIC_THREADS)[(npart, nH), STATIC_THREADS](
-            _flat(q), _flat(k), _flat(v), _flat(probs), _flat(dout), _flat(dq), _flat(dk), _flat(dv),
-            _flat(partial), np.int64(Bw), np.int64(nH), dt.type(scale))
+        launch(_static_k(dt, "window_bwd_static", N, hd, SDC, STATIC_THREADS), (npart, nH), STATIC_THREADS,
+            flat(q), flat(k), flat(v), flat(probs), flat(dout), flat(dq), flat(dk), flat(dv),
+            flat(partial), np.int64(Bw), np.int64(nH), dt.type(scale))
         _sum_leading(dt, partial, npart, nH * N * N, dbias)
     elif DC is None:
         BH = Bw * nH
@@ -948,9 +947,10 @@ def _window_bwd(version, dout, cache):
         smem = (2 * N * (N + 1) + 2 * N * (DC + 1)) * dt.itemsize
         npart = min(Bw, NPART_MAX)
         partial = _empty((npart, nH, N, N), dt)
-        _k(dt, "window_bwd_fused")[(npart, nH), FUSED_THREADS, 0, smem](
-            _flat(q), _flat(k), _flat(v), _flat(probs), _flat(dout), _flat(dq), _flat(dk), _flat(dv),
-            _flat(partial), np.int64(Bw), np.int64(nH), np.int64(N), np.int64(hd), np.int64(DC), dt.type(scale))
+        launch(_k(dt, "window_bwd_fused"), (npart, nH), FUSED_THREADS,
+            flat(q), flat(k), flat(v), flat(probs), flat(dout), flat(dq), flat(dk), flat(dv),
+            flat(partial), np.int64(Bw), np.int64(nH), np.int64(N), np.int64(hd), np.int64(DC), dt.type(scale),
+            sharedmem=smem)
         _sum_leading(dt, partial, npart, nH * N * N, dbias)
     return {"q": _wrap(dq, like_cupy), "k": _wrap(dk, like_cupy), "v": _wrap(dv, like_cupy),
             "bias": _wrap(dbias, like_cupy)}
