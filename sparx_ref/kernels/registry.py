@@ -69,6 +69,14 @@ _TABLE: list[Entry] = [
               f"sparx_ref.kernels.{backend}.scan:selective_scan_bwd", True,
               "recompute the forward per round from stored round-entry states, reverse warp "
               "scan of the adjoint; dB/dC summed over the block's channels in shared memory"),
+        Entry("selective_scan_fwd", backend, "vec",
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd_vec", False,
+              "a lane holds 4 consecutive steps (16-byte loads): one warp scan per 4 elements over "
+              "lane aggregates, next round's loads in flight; short rows share a warp"),
+        Entry("selective_scan_bwd", backend, "vec",
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_bwd_vec", False,
+              "the warp backward with 4 consecutive steps per lane (16-byte loads, suffix scan "
+              "over lane aggregates); dB/dC summed over the block's rows in shared memory"),
         Entry("cross_scan", backend, "naive", f"sparx_ref.kernels.{backend}.scan:cross_scan_naive",
               False, "one thread per element writes its four copies (transposed ones uncoalesced)"),
         Entry("cross_scan", backend, "tiled", f"sparx_ref.kernels.{backend}.scan:cross_scan", True,

@@ -359,7 +359,11 @@ static dim3 blockDim, gridDim;
 static std::unique_ptr<std::barrier<>> g_block_bar;
 static std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
 static float g_xchg[1024];
-static float g_dyn_smem[1 << 16];
+alignas(16) static float g_dyn_smem[1 << 16];
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -475,7 +479,8 @@ def fake_cupy(tmp_path_factory):
     built = {}
 
     def build(code, options):
-        if options not in built:
+        key = (code, options)           # one build per (source, NVRTC option set)
+        if key not in built:
             src = code
             for name in ("sred", "smem"):
                 src = src.replace(f"extern __shared__ float {name}[];", f"float* {name} = g_dyn_smem;")
@@ -489,8 +494,8 @@ def fake_cupy(tmp_path_factory):
             if res.returncode != 0 and ("barrier" in res.stderr or "atomic_ref" in res.stderr):
                 pytest.skip("this g++ lacks C++20 <barrier>/atomic_ref")
             assert res.returncode == 0, res.stderr[-3000:]
-            built[options] = ctypes.CDLL(str(d / "emu.so"))
-        return built[options]
+            built[key] = ctypes.CDLL(str(d / "emu.so"))
+        return built[key]
 
     from sparx_ref.kernels.cupy import scan as cupy_scan
     saved_modules, saved_cupy = dict(cupy_scan._MODULES), sys.modules.get("cupy")
@@ -560,3 +565,69 @@ def test_cupy_backend_on_cpu_emulation_maps(fake_cupy, shape):
             got = bwd(dy, cache)
         assert_close(y, y_ref, F32, "kernel", f"cupy (emulated) {fwd.__name__}")
         assert_all_close(got, g_ref, F32, "kernel", prefix=f"cupy (emulated) {bwd.__name__} ")
+
+
+# ---------------------------------------------------------------------------------------
+# The "vec" rung: its compile-time variants (SEG lanes per row, vector or scalar loads) are
+# chosen on the host from L and the alignment, so these cases pin each variant down.
+# ---------------------------------------------------------------------------------------
+VEC_CASES = [
+    # L % 4 == 0, aligned: float4 loads, SEG = 32, three rounds of 128, 9 channels = a block of
+    # 8 rows plus one with 7 idle rows, N = 2
+    dict(batch=1, K=2, Dg=9, N=2, L=300, regime="normal", has_D=True, has_bias=True, seed=21),
+    # L % 4 != 0: the scalar-load variant, one round with its tail masked
+    dict(batch=2, K=1, Dg=3, N=1, L=70, regime="wide", has_D=True, has_bias=True, seed=22),
+    # L <= 64: two rows per warp (SEG = 16), float4 loads
+    dict(batch=1, K=3, Dg=2, N=1, L=40, regime="near_one", has_D=True, has_bias=False, seed=23),
+    # L <= 32: four rows per warp (SEG = 8), scalar loads, L shorter than one round
+    dict(batch=1, K=1, Dg=5, N=1, L=13, regime="normal", has_D=False, has_bias=True, seed=24),
+    # L = 1
+    dict(batch=2, K=2, Dg=1, N=1, L=1, regime="wide", has_D=False, has_bias=False, seed=25),
+]
+VEC_IDS = ["float4-3rounds-N2", "scalar-L70", "seg16-L40", "seg8-L13", "L1"]
+
+
+def _misaligned(a):
+    """A C-contiguous copy of a whose data starts 4 bytes past a 16-byte boundary."""
+    buf = np.empty(a.size + 4, a.dtype)
+    start = (-(buf.ctypes.data // 4) % 4 + 1) % 4
+    out = buf[start:start + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 16 == 4
+    return out
+
+
+def _vec_check(fwd, bwd, case, convert, misalign=False):
+    rng = np.random.default_rng(case["seed"])
+    KD = case["K"] * case["Dg"]
+    args, sp = scan_inputs(rng, case["batch"], KD, case["L"], case["K"], case["N"], case["regime"],
+                           case["has_D"], case["has_bias"])
+    y_ref, c_ref = ref_scan.selective_scan_fwd(*f64(args), delta_softplus=sp)
+    dy = rng.standard_normal(y_ref.shape).astype(F32)
+    g_ref = ref_scan.selective_scan_bwd(dy.astype(np.float64), c_ref)
+    if misalign:
+        args = [None if a is None else _misaligned(a) for a in args]
+        dy = _misaligned(dy)
+    with poison_outputs():
+        y, cache = fwd(*[convert(a) for a in args], delta_softplus=sp)
+        got = bwd(convert(dy), cache)
+    assert_close(y, y_ref, F32, "kernel", f"vec fwd {case}")
+    assert_all_close(got, g_ref, F32, "kernel", prefix=f"vec bwd {case} ")
+
+
+@pytest.mark.parametrize("case", VEC_CASES, ids=VEC_IDS)
+def test_cupy_vec_on_cpu_emulation(fake_cupy, case):
+    """The CuPy "vec" kernels (every SEG and load variant) on the CPU emulation."""
+    seg, items = fake_cupy.vec_layout(case["L"])
+    assert seg * items >= min(case["L"], 128)
+    _vec_check(fake_cupy.selective_scan_fwd_vec, fake_cupy.selective_scan_bwd_vec, case, lambda a: a)
+
+
+def test_cupy_vec_misaligned_views_take_the_scalar_path(fake_cupy):
+    """Inputs whose data start 4 bytes off a 16-byte boundary (L % 4 == 0): the host must pick
+    the scalar-load variant (a float4 load there would be a misaligned access on a GPU)."""
+    case = dict(batch=1, K=2, Dg=3, N=1, L=136, regime="normal", has_D=True, has_bias=True, seed=26)
+    assert not fake_cupy.vec_loads_ok(136, 4, _misaligned(np.zeros(136, F32)))
+    assert fake_cupy.vec_loads_ok(136, 4, np.zeros(136, F32))
+    _vec_check(fake_cupy.selective_scan_fwd_vec, fake_cupy.selective_scan_bwd_vec, case, lambda a: a,
+               misalign=True)

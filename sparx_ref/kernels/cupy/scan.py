@@ -9,6 +9,10 @@ The ladder (registry rows; the last of each op is the default):
 
 - selective_scan_fwd: ``naive`` (one thread per row, uncoalesced), ``warp`` (one warp per row,
   lanes = consecutive steps, a warp-shuffle scan of (a, b) pairs per 32 steps).
+- selective_scan_fwd ``vec``: a lane holds ITEMS consecutive steps (16-byte loads), one warp
+  scan per ITEMS elements over the lane aggregates, next round's loads in flight; rows of <= 64
+  steps share a warp (SEG = 16 or 8 lanes per row). ``selective_scan_bwd`` ``vec``: the same
+  per-lane idea in the two-pass backward.
 - selective_scan_bwd: ``warp`` (recompute the forward per round of 32*CHUNKS steps from stored
   round-entry states, reverse warp scan for the adjoint, dB/dC summed over the block's channels
   in shared memory, then over blocks by ``sum_middle``: deterministic).
@@ -19,7 +23,8 @@ The ladder (registry rows; the last of each op is the default):
   memory and scans all four directions from there; the merged result is written once).
 
 The CUDA source is ``CUDA_SOURCES["scan"]``; ``NSTATE`` (d_state) and ``CHUNKS`` are macros, one
-compiled module per pair met (cached).
+compiled module per pair met (cached). The vec rung is ``CUDA_SOURCES["scan_vec"]`` (macros
+NSTATE, SEG, ITEMS, VEC; one module per combination met).
 """
 from __future__ import annotations
 
@@ -31,7 +36,10 @@ from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_sha
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "cross_scan", "cross_merge",
            "ss2d_scan_fwd", "ss2d_scan_bwd"]
 
-CUDA_SOURCES = {"scan": r"""
+# The source is cut in two so that the "vec" module shares the helpers (layouts, scan_pos,
+# softplus): CUDA_SOURCES["scan"] = prelude + the naive/warp/fused kernels,
+# CUDA_SOURCES["scan_vec"] = prelude + the "vec" kernels.
+_SCAN_PRELUDE = r"""
 // Selective scan, cross scan and fused 2-D scan kernels (float32), compiled at run time by CuPy
 // (NVRTC). NSTATE (d_state N) and CHUNKS are compile-time constants; the host module compiles
 // one module per (N, CHUNKS) it meets. The Numba-CUDA module mirrors this file line for line.
@@ -58,7 +66,9 @@ __device__ __forceinline__ void scan_pos(int kdir, int t, int H, int W, int &h, 
 __device__ __forceinline__ float softplus_f(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 __device__ __forceinline__ float dsoftplus_f(float z) { return z > 20.f ? 1.f : 1.f / (1.f + expf(-z)); }
 
-// Inclusive warp scan of the affine maps h -> a h + b (lane order = time order).
+"""
+
+_SCAN_KERNELS = r"""// Inclusive warp scan of the affine maps h -> a h + b (lane order = time order).
 __device__ __forceinline__ void warp_scan_fwd(float &a, float &b, int lane) {
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -557,7 +567,385 @@ __global__ void ss2d_bwd_fused(const float* x, const float* dy, const float* del
 }
 
 }  // extern "C"
-"""}
+"""
+
+_VEC_KERNELS = r"""
+// ===================================================================================
+// Ladder rung "vec": a lane holds ITEMS consecutive time steps, so the warp scan (and its
+// shuffles) runs once per ITEMS elements; loads and stores are 8/16-byte vectors when VEC.
+// Compile-time constants (one module per combination the host meets):
+//   ITEMS  steps per lane per round (2, 4 or 8);
+//   SEG    lanes per row (32, 16 or 8): short rows put 32/SEG rows in one warp;
+//   VEC    1: vector loads/stores (the host checked L % VW == 0 and 4*VW-byte aligned bases);
+//          0: scalar loads of the same steps.
+// A round covers SEG*ITEMS steps of a row; lane sl of a segment holds steps
+// base + sl*ITEMS + i, i < ITEMS.
+// ===================================================================================
+#ifndef ITEMS
+#define ITEMS 4
+#endif
+#ifndef SEG
+#define SEG 32
+#endif
+#ifndef VEC
+#define VEC 1
+#endif
+#define VROUND (SEG * ITEMS)
+#if ITEMS % 4 == 0
+#define VW 4
+#elif ITEMS % 2 == 0
+#define VW 2
+#else
+#define VW 1
+#endif
+
+// v[i] = p[t0 + i], 0 past L. With VEC, L % VW == 0 and t0 % VW == 0: a vector is all in or all out.
+__device__ __forceinline__ void vload(const float* __restrict__ p, int t0, int L, float (&v)[ITEMS]) {
+#pragma unroll
+    for (int q = 0; q < ITEMS; q += VW) {
+        int t = t0 + q;
+#if VEC && VW == 4
+        float4 f = t < L ? *reinterpret_cast<const float4*>(p + t) : make_float4(0.f, 0.f, 0.f, 0.f);
+        v[q] = f.x; v[q + 1] = f.y; v[q + 2] = f.z; v[q + 3] = f.w;
+#elif VEC && VW == 2
+        float2 f = t < L ? *reinterpret_cast<const float2*>(p + t) : make_float2(0.f, 0.f);
+        v[q] = f.x; v[q + 1] = f.y;
+#else
+#pragma unroll
+        for (int r = 0; r < VW; ++r) v[q + r] = (t + r < L) ? p[t + r] : 0.f;
+#endif
+    }
+}
+
+// p[t0 + i] = v[i] for t0 + i < L.
+__device__ __forceinline__ void vstore(float* __restrict__ p, int t0, int L, const float (&v)[ITEMS]) {
+#pragma unroll
+    for (int q = 0; q < ITEMS; q += VW) {
+        int t = t0 + q;
+#if VEC && VW == 4
+        if (t < L) *reinterpret_cast<float4*>(p + t) = make_float4(v[q], v[q + 1], v[q + 2], v[q + 3]);
+#elif VEC && VW == 2
+        if (t < L) *reinterpret_cast<float2*>(p + t) = make_float2(v[q], v[q + 1]);
+#else
+#pragma unroll
+        for (int r = 0; r < VW; ++r) if (t + r < L) p[t + r] = v[q + r];
+#endif
+    }
+}
+
+// Inclusive scan over the SEG lanes of a segment of h -> a h + b (lane order = time order).
+__device__ __forceinline__ void seg_scan_fwd(float &a, float &b, int sl) {
+#pragma unroll
+    for (int off = 1; off < SEG; off <<= 1) {
+        float a_up = __shfl_up_sync(FULL_MASK, a, off);
+        float b_up = __shfl_up_sync(FULL_MASK, b, off);
+        if (sl >= off) { b = a * b_up + b; a = a * a_up; }
+    }
+}
+
+// Inclusive suffix scan over the SEG lanes of a segment of g -> alpha g + beta.
+__device__ __forceinline__ void seg_scan_rev(float &alpha, float &beta, int sl) {
+#pragma unroll
+    for (int off = 1; off < SEG; off <<= 1) {
+        float a_dn = __shfl_down_sync(FULL_MASK, alpha, off);
+        float b_dn = __shfl_down_sync(FULL_MASK, beta, off);
+        if (sl + off < SEG) { beta = alpha * b_dn + beta; alpha = alpha * a_dn; }
+    }
+}
+
+__device__ __forceinline__ float seg_sum(float v) {
+#pragma unroll
+    for (int off = SEG / 2; off > 0; off >>= 1) v += __shfl_xor_sync(FULL_MASK, v, off);
+    return v;
+}
+
+// The per-step gates of one round for one lane: dt_i, a_i[n] = exp(dt_i A_n) (1 past L),
+// b_i[n] = dt_i B_i[n] u_i (0 past L); then the lane's aggregate map (la, lb) = the ITEMS maps
+// composed in time order.
+__device__ __forceinline__ void vec_gates(const float (&uv)[ITEMS], const float (&zv)[ITEMS],
+                                          const float (&Bv)[NSTATE][ITEMS], const float (&An)[NSTATE],
+                                          float bias, int softplus, int t0, int L, float (&dtv)[ITEMS],
+                                          float (&a)[NSTATE][ITEMS], float (&bb)[NSTATE][ITEMS]) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        bool valid = t0 + i < L;
+        float z = zv[i] + bias;
+        float dt = softplus ? softplus_f(z) : z;
+        dtv[i] = dt;
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            a[n][i] = valid ? expf(dt * An[n]) : 1.f;
+            bb[n][i] = valid ? dt * Bv[n][i] * uv[i] : 0.f;
+        }
+    }
+}
+
+// State entering this lane's first step, given the state `carry` entering the round; carry
+// becomes the state leaving the round. (Lane aggregate, segment scan, one shfl_up.)
+__device__ __forceinline__ float vec_lane_entry(const float (&a)[ITEMS], const float (&bb)[ITEMS],
+                                                float &carry, int sl, int seg0) {
+    float la = a[0], lb = bb[0];
+#pragma unroll
+    for (int i = 1; i < ITEMS; ++i) { lb = a[i] * lb + bb[i]; la = a[i] * la; }
+    seg_scan_fwd(la, lb, sl);
+    float hincl = la * carry + lb;                     // state after this lane's last step
+    float hin = __shfl_up_sync(FULL_MASK, hincl, 1);
+    if (sl == 0) hin = carry;
+    carry = __shfl_sync(FULL_MASK, hincl, seg0 + SEG - 1);
+    return hin;
+}
+
+__device__ __forceinline__ void vec_load_round(const float* __restrict__ u, const float* __restrict__ delta,
+                                               const float* __restrict__ Bg, const float* __restrict__ Cg,
+                                               int t0, int L, float (&uv)[ITEMS], float (&zv)[ITEMS],
+                                               float (&Bv)[NSTATE][ITEMS], float (&Cv)[NSTATE][ITEMS], int withC) {
+    vload(u, t0, L, uv);
+    vload(delta, t0, L, zv);
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) {
+        vload(Bg + (long long)n * L, t0, L, Bv[n]);
+        if (withC) vload(Cg + (long long)n * L, t0, L, Cv[n]);
+    }
+}
+
+extern "C" {
+
+// Forward, SEG lanes per (batch, channel) row (32/SEG rows per warp). Per round: gates, the
+// lane's ITEMS maps composed, a segment scan of the lane aggregates, then each lane walks its
+// ITEMS steps from its entry state. The next round's loads are issued before this round's
+// arithmetic (two rounds of loads in flight). Idle segments (row >= batch*KD) compute a copy of
+// the last row and store nothing: every lane of a warp reaches every shuffle.
+__global__ void scan_fwd_vec(const float* __restrict__ u, const float* __restrict__ delta,
+                             const float* __restrict__ A, const float* __restrict__ B,
+                             const float* __restrict__ C, const float* __restrict__ D,
+                             const float* __restrict__ bias, float* __restrict__ y,
+                             int batch, int KD, int L, int K, int softplus) {
+    const int lane = threadIdx.x & 31, sl = lane & (SEG - 1), seg0 = lane - sl;
+    const int nrows = batch * KD;
+    int row = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) / SEG);
+    const bool active = row < nrows;
+    if (!active) row = nrows - 1;
+    const int b = row / KD, c = row % KD, k = c / (KD / K);
+    const long long off = (long long)row * L;
+    const long long goff = (long long)(b * K + k) * NSTATE * L;
+    float An[NSTATE], carry[NSTATE];
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) { An[n] = A[c * NSTATE + n]; carry[n] = 0.f; }
+    const float Dc = D[c], bc = bias[c];
+    float uv[ITEMS], zv[ITEMS], Bv[NSTATE][ITEMS], Cv[NSTATE][ITEMS];     // this round
+    float uq[ITEMS], zq[ITEMS], Bq[NSTATE][ITEMS], Cq[NSTATE][ITEMS];     // next round, in flight
+    vec_load_round(u + off, delta + off, B + goff, C + goff, sl * ITEMS, L, uv, zv, Bv, Cv, 1);
+    for (int base = 0; base < L; base += VROUND) {
+        const int t0 = base + sl * ITEMS;
+        const bool more = base + VROUND < L;
+        if (more) vec_load_round(u + off, delta + off, B + goff, C + goff, t0 + VROUND, L, uq, zq, Bq, Cq, 1);
+        float dtv[ITEMS], a[NSTATE][ITEMS], bb[NSTATE][ITEMS], yv[ITEMS];
+        vec_gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) yv[i] = Dc * uv[i];
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            float h = vec_lane_entry(a[n], bb[n], carry[n], sl, seg0);
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) { h = a[n][i] * h + bb[n][i]; yv[i] += Cv[n][i] * h; }
+        }
+        if (active) vstore(y + off, t0, L, yv);
+        if (more) {
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                uv[i] = uq[i]; zv[i] = zq[i];
+#pragma unroll
+                for (int n = 0; n < NSTATE; ++n) { Bv[n][i] = Bq[n][i]; Cv[n][i] = Cq[n][i]; }
+            }
+        }
+    }
+}
+
+// Backward, the "warp" backward's two passes with ITEMS steps per lane. Grid
+// (ceil(Dg / rows per block), K, batch); a block's rows (blockDim.x / SEG of them) are
+// consecutive channels of one group, so dB/dC are summed over them in shared memory
+// (sred: [row slot][2][NSTATE][VROUND]) and written as per-block partials (sum_middle adds
+// them). Pass 1 stores the state entering each round (hstart); pass 2 walks the rounds
+// backwards: states recomputed from hstart, then a segment suffix scan of the adjoint
+// g_t = a_{t+1} g_{t+1} + C_t dy_t over the lane aggregates.
+__global__ void scan_bwd_vec(const float* __restrict__ u, const float* __restrict__ delta,
+                             const float* __restrict__ A, const float* __restrict__ B,
+                             const float* __restrict__ C, const float* __restrict__ D,
+                             const float* __restrict__ bias, const float* __restrict__ dy,
+                             float* __restrict__ hstart, float* __restrict__ du, float* __restrict__ ddelta,
+                             float* __restrict__ partB, float* __restrict__ partC, float* __restrict__ partA,
+                             float* __restrict__ partD, float* __restrict__ partbias,
+                             int batch, int KD, int L, int K, int softplus) {
+    extern __shared__ float sred[];
+    const int lane = threadIdx.x & 31, sl = lane & (SEG - 1), seg0 = lane - sl;
+    const int slot = threadIdx.x / SEG, nslots = blockDim.x / SEG;
+    const int Dg = KD / K, k = blockIdx.y, b = blockIdx.z;
+    const int ci = blockIdx.x * nslots + slot;
+    const bool active = ci < Dg;
+    const int c = k * Dg + (active ? ci : 0);
+    const int row = b * KD + c;
+    const long long off = (long long)row * L;
+    const long long goff = (long long)(b * K + k) * NSTATE * L;
+    const int nrounds = (L + VROUND - 1) / VROUND;
+    float* hs = hstart + (long long)row * nrounds * NSTATE;
+    float An[NSTATE], carry[NSTATE];
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) { An[n] = A[c * NSTATE + n]; carry[n] = 0.f; }
+    const float Dc = D[c], bc = bias[c];
+    float uv[ITEMS], zv[ITEMS], dyv[ITEMS], Bv[NSTATE][ITEMS], Cv[NSTATE][ITEMS];
+    float uq[ITEMS], zq[ITEMS], dyq[ITEMS], Bq[NSTATE][ITEMS], Cq[NSTATE][ITEMS];
+    float dtv[ITEMS], a[NSTATE][ITEMS], bb[NSTATE][ITEMS];
+
+    // pass 1: the state entering every round (u, delta, B only; next round's loads in flight)
+    vec_load_round(u + off, delta + off, B + goff, C + goff, sl * ITEMS, L, uv, zv, Bv, Cv, 0);
+    for (int s = 0; s < nrounds; ++s) {
+        const int t0 = s * VROUND + sl * ITEMS;
+        const bool more = s + 1 < nrounds;
+        if (active && sl == 0) {
+#pragma unroll
+            for (int n = 0; n < NSTATE; ++n) hs[s * NSTATE + n] = carry[n];
+        }
+        if (more) vec_load_round(u + off, delta + off, B + goff, C + goff, t0 + VROUND, L, uq, zq, Bq, Cq, 0);
+        vec_gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb);
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) vec_lane_entry(a[n], bb[n], carry[n], sl, seg0);
+        if (more) {
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                uv[i] = uq[i]; zv[i] = zq[i];
+#pragma unroll
+                for (int n = 0; n < NSTATE; ++n) Bv[n][i] = Bq[n][i];
+            }
+        }
+    }
+    __syncwarp();     // hstart written by lane 0 of the segment is read by all its lanes below
+
+    // pass 2: rounds last to first
+    float gcarry[NSTATE], anext[NSTATE], dA_acc[NSTATE];
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) { gcarry[n] = 0.f; anext[n] = 0.f; dA_acc[n] = 0.f; }
+    float dD_acc = 0.f, dbias_acc = 0.f;
+    {
+        const int t0 = (nrounds - 1) * VROUND + sl * ITEMS;
+        vec_load_round(u + off, delta + off, B + goff, C + goff, t0, L, uv, zv, Bv, Cv, 1);
+        vload(dy + off, t0, L, dyv);
+    }
+    for (int s = nrounds - 1; s >= 0; --s) {
+        const int base = s * VROUND, t0 = base + sl * ITEMS;
+        const bool more = s > 0;
+        if (more) {
+            vec_load_round(u + off, delta + off, B + goff, C + goff, t0 - VROUND, L, uq, zq, Bq, Cq, 1);
+            vload(dy + off, t0 - VROUND, L, dyq);
+        }
+        // forward recompute: gates, and hh[n][i] = state before step i (hh[n][ITEMS]: after the last)
+        vec_gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb);
+        float hh[NSTATE][ITEMS + 1];
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            float cin = active ? hs[s * NSTATE + n] : 0.f;
+            float h = vec_lane_entry(a[n], bb[n], cin, sl, seg0);
+            hh[n][0] = h;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) { h = a[n][i] * h + bb[n][i]; hh[n][i + 1] = h; }
+        }
+        // adjoint: g_t = alpha_t g_{t+1} + beta_t with alpha_t = a_{t+1}, beta_t = C_t dy_t
+        float duv[ITEMS], ddt[ITEMS], cb[NSTATE][ITEMS], cc[NSTATE][ITEMS];
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) { duv[i] = Dc * dyv[i]; ddt[i] = 0.f; }
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            float a_after = __shfl_down_sync(FULL_MASK, a[n][0], 1);    // gate of the next lane's first step
+            if (sl == SEG - 1) a_after = anext[n];
+            float la = 1.f, lb = 0.f;            // this lane's maps composed, last step first
+#pragma unroll
+            for (int i = ITEMS - 1; i >= 0; --i) {
+                float alpha = (i == ITEMS - 1) ? a_after : a[n][i + 1];
+                lb = alpha * lb + dyv[i] * Cv[n][i];
+                la = alpha * la;
+            }
+            seg_scan_rev(la, lb, sl);
+            float gincl = la * gcarry[n] + lb;                        // g at this lane's first step
+            float g = __shfl_down_sync(FULL_MASK, gincl, 1);           // g at the next lane's first step
+            if (sl == SEG - 1) g = gcarry[n];
+            gcarry[n] = __shfl_sync(FULL_MASK, gincl, seg0);
+            anext[n] = __shfl_sync(FULL_MASK, a[n][0], seg0);
+#pragma unroll
+            for (int i = ITEMS - 1; i >= 0; --i) {
+                float alpha = (i == ITEMS - 1) ? a_after : a[n][i + 1];
+                g = alpha * g + dyv[i] * Cv[n][i];                     // dL/dh_t
+                float ga = g * hh[n][i] * a[n][i];
+                duv[i] += g * dtv[i] * Bv[n][i];
+                ddt[i] += g * Bv[n][i] * uv[i] + ga * An[n];
+                dA_acc[n] += (t0 + i < L) ? ga * dtv[i] : 0.f;
+                cb[n][i] = g * dtv[i] * uv[i];
+                cc[n][i] = dyv[i] * hh[n][i + 1];
+            }
+        }
+        float dzv[ITEMS];
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            bool valid = t0 + i < L;
+            float dz = softplus ? ddt[i] * dsoftplus_f(zv[i] + bc) : ddt[i];
+            dzv[i] = dz;
+            if (valid) { dbias_acc += dz; dD_acc += dyv[i] * uv[i]; }
+        }
+        if (active) { vstore(du + off, t0, L, duv); vstore(ddelta + off, t0, L, dzv); }
+        // dB/dC: this row's contributions to shared memory, summed over the block's rows
+#pragma unroll
+        for (int n = 0; n < NSTATE; ++n) {
+            float* sb = sred + ((slot * 2 + 0) * NSTATE + n) * VROUND + sl * ITEMS;
+            float* sc = sred + ((slot * 2 + 1) * NSTATE + n) * VROUND + sl * ITEMS;
+#pragma unroll
+            for (int q = 0; q < ITEMS; q += VW) {
+#if VW == 4
+                *reinterpret_cast<float4*>(sb + q) = make_float4(cb[n][q], cb[n][q + 1], cb[n][q + 2], cb[n][q + 3]);
+                *reinterpret_cast<float4*>(sc + q) = make_float4(cc[n][q], cc[n][q + 1], cc[n][q + 2], cc[n][q + 3]);
+#else
+#pragma unroll
+                for (int r = 0; r < VW; ++r) { sb[q + r] = cb[n][q + r]; sc[q + r] = cc[n][q + r]; }
+#endif
+            }
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < NSTATE * VROUND; e += blockDim.x) {
+            int n = e / VROUND, t = base + e % VROUND;
+            if (t < L) {
+                float sbv = 0.f, scv = 0.f;
+                for (int q = 0; q < nslots; ++q) {
+                    if (blockIdx.x * nslots + q < Dg) {        // idle rows hold copies: skip them
+                        sbv += sred[((q * 2 + 0) * NSTATE + n) * VROUND + e % VROUND];
+                        scv += sred[((q * 2 + 1) * NSTATE + n) * VROUND + e % VROUND];
+                    }
+                }
+                long long poff = ((long long)(b * K + k) * gridDim.x + blockIdx.x) * NSTATE * L;
+                partB[poff + (long long)n * L + t] = sbv;
+                partC[poff + (long long)n * L + t] = scv;
+            }
+        }
+        __syncthreads();
+        if (more) {
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                uv[i] = uq[i]; zv[i] = zq[i]; dyv[i] = dyq[i];
+#pragma unroll
+                for (int n = 0; n < NSTATE; ++n) { Bv[n][i] = Bq[n][i]; Cv[n][i] = Cq[n][i]; }
+            }
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < NSTATE; ++n) {
+        float v = seg_sum(dA_acc[n]);
+        if (active && sl == 0) partA[(long long)row * NSTATE + n] = v;
+    }
+    dD_acc = seg_sum(dD_acc);
+    dbias_acc = seg_sum(dbias_acc);
+    if (active && sl == 0) { partD[row] = dD_acc; partbias[row] = dbias_acc; }
+}
+
+}  // extern "C"
+"""
+CUDA_SOURCES = {"scan": _SCAN_PRELUDE + _SCAN_KERNELS, "scan_vec": _SCAN_PRELUDE + _VEC_KERNELS}
+
 NVRTC_OPTIONS = ("-DNSTATE=1", "-DCHUNKS=4")
 
 FWD_WARPS = 8          # warps per block of scan_fwd_warp (one row each)
@@ -565,6 +953,7 @@ FWD_CHUNKS = 4         # 32-step chunks per round (loads in flight per lane)
 BWD_WARPS = 8          # channels per block of scan_bwd_warp (dB/dC reduced over them)
 BWD_CHUNKS = 4
 FUSED_CHUNKS = 8       # the fused kernels have only 2 warps per block: more loads per warp
+VEC_WARPS = 8          # warps per block of the vec kernels (SEG lanes per row: 32/SEG rows a warp)
 _MODULES: dict = {}
 
 
@@ -587,6 +976,41 @@ def _kernel(name, nstate=1, chunks=4, shared=0):
     if shared > 48 * 1024 and k.max_dynamic_shared_size_bytes < shared:
         k.max_dynamic_shared_size_bytes = shared
     return k
+
+
+def _vec_kernel(name, nstate, seg, items, vec, shared=0):
+    """A kernel of CUDA_SOURCES["scan_vec"] compiled for (N, SEG, ITEMS, VEC) (cached)."""
+    key = ("vec", int(nstate), int(seg), int(items), int(vec))
+    if key not in _MODULES:
+        _MODULES[key] = _cp().RawModule(code=CUDA_SOURCES["scan_vec"], options=(
+            f"-DNSTATE={key[1]}", f"-DSEG={key[2]}", f"-DITEMS={key[3]}", f"-DVEC={key[4]}"))
+    k = _MODULES[key].get_function(name)
+    if shared > 48 * 1024 and k.max_dynamic_shared_size_bytes < shared:
+        k.max_dynamic_shared_size_bytes = shared
+    return k
+
+
+def vec_layout(L: int) -> tuple[int, int]:
+    """(SEG, ITEMS) of the "vec" kernels for rows of length L: SEG lanes per row, ITEMS steps
+    per lane, so a round covers SEG*ITEMS steps. Rows of at most 32 or 64 steps share a warp
+    (4 or 2 rows per warp) instead of leaving most of its lanes idle."""
+    if L <= 32:
+        return 8, 4
+    if L <= 64:
+        return 16, 4
+    return 32, 4
+
+
+def _base_address(a) -> int:
+    iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    return int(iface["data"][0])
+
+
+def vec_loads_ok(L: int, items: int, *arrays) -> bool:
+    """True when the vec kernels may use vector loads: L a multiple of the vector width and
+    every base address aligned to it (then every row of u/delta/B/C/y starts aligned too)."""
+    width = 4 if items % 4 == 0 else (2 if items % 2 == 0 else 1)
+    return L % width == 0 and all(_base_address(a) % (4 * width) == 0 for a in arrays if a is not None)
 
 
 def _max_shared() -> int:
@@ -635,6 +1059,12 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
     tail = (y, _i(batch), _i(KD), _i(L), _i(K), _i(bool(delta_softplus)))
     if version == "naive":
         _kernel("scan_fwd_naive", N)(((rows + 127) // 128,), (128,), (*args, *tail))
+    elif version == "vec":
+        seg, items = vec_layout(L)
+        vec = vec_loads_ok(L, items, *args[:5], y)
+        rows_per_block = VEC_WARPS * 32 // seg
+        _vec_kernel("scan_fwd_vec", N, seg, items, vec)(
+            ((rows + rows_per_block - 1) // rows_per_block,), (32 * VEC_WARPS,), (*args, *tail))
     else:
         _kernel("scan_fwd_warp", N, FWD_CHUNKS)(((rows + FWD_WARPS - 1) // FWD_WARPS,), (32 * FWD_WARPS,),
                                                 (*args, *tail))
@@ -650,6 +1080,12 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     """Selective scan forward, one warp per row with a warp-shuffle scan (default). Returns
     ``(y, cache)``; see :func:`sparx_ref.ref.scan.selective_scan_fwd`."""
     return _scan_fwd("warp", u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_fwd_vec(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Ladder rung "vec": a lane holds ITEMS consecutive steps (vector loads), the warp scan runs
+    over lane aggregates, short rows share a warp (:func:`vec_layout`)."""
+    return _scan_fwd("vec", u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
 def selective_scan_bwd(dy, cache):
@@ -670,6 +1106,39 @@ def selective_scan_bwd(dy, cache):
     k((nblk, K, batch), (32 * BWD_WARPS,),
       (_dev(cache["u"]), _dev(cache["delta"]), _dev(cache["A"]), _dev(cache["B"]), _dev(cache["C"]),
        _or_zeros(D, KD), _or_zeros(bias, KD), _dev(dy), hstart, du, ddelta, partB, partC, partA, partD,
+       partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"]))),
+      shared_mem=shared)
+    return {"u": du, "delta": ddelta,
+            "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
+            "B": _sum_middle(partB, batch * K, nblk, N * L).reshape(batch, K, N, L),
+            "C": _sum_middle(partC, batch * K, nblk, N * L).reshape(batch, K, N, L),
+            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
+            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}
+
+
+def selective_scan_bwd_vec(dy, cache):
+    """Ladder rung "vec" of the backward: the "warp" backward's two passes with ITEMS steps per
+    lane; dB/dC summed over the block's rows in shared memory (deterministic, no atomics)."""
+    cp = _cp()
+    batch, KD, L, K, N = cache["shape"]
+    check_dy("dy", dy, (batch, KD, L), np.float32)
+    seg, items = vec_layout(L)
+    Dg = KD // K
+    slots = VEC_WARPS * 32 // seg                 # rows (channels of one group) per block
+    nblk = (Dg + slots - 1) // slots
+    nrounds = (L + seg * items - 1) // (seg * items)
+    D, bias = cache["D"], cache["delta_bias"]
+    ins = [_dev(cache[name]) for name in ("u", "delta", "A", "B", "C")]
+    dyd = _dev(dy)
+    hstart = cp.empty((batch * KD * nrounds * N,), np.float32)
+    du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
+    partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
+    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
+    shared = slots * 2 * N * seg * items * 4
+    k = _vec_kernel("scan_bwd_vec", N, seg, items, vec, shared)
+    k((nblk, K, batch), (32 * VEC_WARPS,),
+      (*ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"]))),
       shared_mem=shared)
     return {"u": du, "delta": ddelta,

@@ -20,6 +20,7 @@ from numba import config, cuda, float32
 
 from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
                             scan_cache, scan_shapes, ss2d_shapes)
+from ..cupy.scan import vec_layout, vec_loads_ok   # host-side rules shared by both backends (no CuPy import)
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "cross_scan", "cross_merge",
            "ss2d_scan_fwd", "ss2d_scan_bwd"]
@@ -557,6 +558,433 @@ def _build(NSTATE: int, CHUNKS: int):
 
 
 # ---------------------------------------------------------------------------------------
+# the "vec" rung (see the CUDA C in the CuPy module, CUDA_SOURCES["scan_vec"]): a lane holds
+# ITEMS consecutive steps, SEG lanes per row; vector loads through the intrinsics below
+# ---------------------------------------------------------------------------------------
+VEC_WARPS = 2 if SIMULATOR else 8      # warps per block of the vec kernels
+
+
+def _vector_access(width: int, store: bool):
+    """An intrinsic loading (returning a UniTuple) or storing `width` consecutive float32 of a
+    1-D C-contiguous array at index i as ONE vector access (ld/st.v2/.v4.f32: Numba has no
+    vector loads of its own). The caller guarantees the 4*width-byte alignment."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+    vty = ir.VectorType(ir.FloatType(), width)
+
+    def pointer(context, builder, aryty, ary_val, idxty, idx_val):
+        ary = context.make_array(aryty)(context, builder, ary_val)
+        i = context.cast(builder, idx_val, idxty, types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
+        return builder.bitcast(ptr, vty.as_pointer())
+
+    if not store:
+        @intrinsic
+        def load(typingctx, arr, idx):
+            sig = types.UniTuple(types.float32, width)(arr, idx)
+
+            def codegen(context, builder, sig, args):
+                v = builder.load(pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                                 align=4 * width)
+                elems = [builder.extract_element(v, ir.Constant(ir.IntType(32), q)) for q in range(width)]
+                return context.make_tuple(builder, sig.return_type, elems)
+            return sig, codegen
+        return load
+
+    @intrinsic
+    def store_(typingctx, arr, idx, vals):
+        sig = types.void(arr, idx, vals)
+
+        def codegen(context, builder, sig, args):
+            v = ir.Constant(vty, ir.Undefined)
+            for q in range(width):
+                e = builder.extract_value(args[2], q)
+                e = context.cast(builder, e, sig.args[2].dtype, types.float32)
+                v = builder.insert_element(v, e, ir.Constant(ir.IntType(32), q))
+            builder.store(v, pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                          align=4 * width)
+            return context.get_dummy_value()
+        return sig, codegen
+    return store_
+
+
+if not SIMULATOR:
+    load4, store4 = _vector_access(4, False), _vector_access(4, True)
+    load2, store2 = _vector_access(2, False), _vector_access(2, True)
+else:  # pragma: no cover - the simulator runs Python: element by element
+    def load4(arr, i):
+        return arr[i], arr[i + 1], arr[i + 2], arr[i + 3]
+
+    def load2(arr, i):
+        return arr[i], arr[i + 1]
+
+    def store4(arr, i, v):
+        arr[i], arr[i + 1], arr[i + 2], arr[i + 3] = v
+
+    def store2(arr, i, v):
+        arr[i], arr[i + 1] = v
+
+
+_VEC_BUILT: dict = {}
+
+
+def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
+    """The vec kernels for d_state NSTATE, SEG lanes per row, ITEMS steps per lane, vector
+    (VEC) or scalar loads: all compile-time constants, as the CUDA C's macros."""
+    key = (NSTATE, SEG, ITEMS, bool(VEC))
+    if key in _VEC_BUILT:
+        return _VEC_BUILT[key]
+    VROUND = SEG * ITEMS
+    ITEMS1 = ITEMS + 1
+    VW = 4 if ITEMS % 4 == 0 else (2 if ITEMS % 2 == 0 else 1)
+    VEC = bool(VEC) and VW > 1
+
+    @cuda.jit(device=True, inline=True)
+    def vload(p, off, t0, L, v):
+        """v[i] = p[off + t0 + i], 0 past L (vector loads when VEC: a vector is all in or out)."""
+        for q in range(0, ITEMS, VW):
+            t = t0 + q
+            if VEC and VW == 4:
+                if t < L:
+                    v[q], v[q + 1], v[q + 2], v[q + 3] = load4(p, off + t)
+                else:
+                    v[q] = v[q + 1] = v[q + 2] = v[q + 3] = f32(0.0)
+            elif VEC and VW == 2:
+                if t < L:
+                    v[q], v[q + 1] = load2(p, off + t)
+                else:
+                    v[q] = v[q + 1] = f32(0.0)
+            else:
+                for r in range(VW):
+                    v[q + r] = p[off + t + r] if t + r < L else f32(0.0)
+
+    @cuda.jit(device=True, inline=True)
+    def vstore(p, off, t0, L, v):
+        """p[off + t0 + i] = v[i] for t0 + i < L."""
+        for q in range(0, ITEMS, VW):
+            t = t0 + q
+            if VEC and VW == 4:
+                if t < L:
+                    store4(p, off + t, (v[q], v[q + 1], v[q + 2], v[q + 3]))
+            elif VEC and VW == 2:
+                if t < L:
+                    store2(p, off + t, (v[q], v[q + 1]))
+            else:
+                for r in range(VW):
+                    if t + r < L:
+                        p[off + t + r] = v[q + r]
+
+    @cuda.jit(device=True, inline=True)
+    def load_round(u, delta, B, C, off, goff, t0, L, uv, zv, Bv, Cv, with_c):
+        vload(u, off, t0, L, uv)
+        vload(delta, off, t0, L, zv)
+        for n in range(NSTATE):
+            vload(B, goff + n * L, t0, L, Bv[n])
+            if with_c:
+                vload(C, goff + n * L, t0, L, Cv[n])
+
+    @cuda.jit(device=True, inline=True)
+    def gates(uv, zv, Bv, An, bias, softplus, t0, L, dtv, a, bb):
+        """dt_i; a_i[n] = exp(dt_i A_n) (1 past L); b_i[n] = dt_i B_i[n] u_i (0 past L)."""
+        for i in range(ITEMS):
+            valid = t0 + i < L
+            z = zv[i] + bias
+            dt = softplus_f(z) if softplus else z
+            dtv[i] = dt
+            for n in range(NSTATE):
+                a[n, i] = f32(math.exp(dt * An[n])) if valid else f32(1.0)
+                bb[n, i] = dt * Bv[n, i] * uv[i] if valid else f32(0.0)
+
+    @cuda.jit(device=True, inline=True)
+    def lane_entry(a, bb, n, carry, sl, seg0):
+        """State entering this lane's first step, and the state leaving the round (returned as
+        (h_in, new carry)): lane aggregate, segment scan, one shfl_up."""
+        la = a[n, 0]
+        lb = bb[n, 0]
+        for i in range(1, ITEMS):
+            lb = a[n, i] * lb + bb[n, i]
+            la = a[n, i] * la
+        off = 1
+        while off < SEG:                 # inclusive scan over the segment's lanes
+            a_up, b_up = shfl_up2(la, lb, off)
+            if sl >= off:
+                lb = la * b_up + lb
+                la = la * a_up
+            off *= 2
+        hincl = la * carry + lb
+        hin = shfl_up(hincl, 1)
+        if sl == 0:
+            hin = carry
+        return hin, shfl_idx(hincl, seg0 + SEG - 1)
+
+    @cuda.jit(device=True, inline=True)
+    def seg_sum(v):
+        off = SEG // 2
+        while off > 0:
+            v += shfl_xor(v, off)
+            off //= 2
+        return v
+
+    def scan_fwd_vec(u, delta, A, B, C, D, bias, y, batch, KD, L, K, softplus):
+        """Ladder rung "vec": SEG lanes per row, ITEMS consecutive steps per lane, next round's
+        loads issued before this round's arithmetic. Idle segments compute a copy of the last
+        row and store nothing (uniform control flow: every lane reaches every shuffle)."""
+        lane = cuda.threadIdx.x & 31
+        sl = lane & (SEG - 1)
+        seg0 = lane - sl
+        nrows = batch * KD
+        row = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // SEG
+        active = row < nrows
+        if not active:
+            row = nrows - 1
+        b = row // KD
+        c = row % KD
+        k = c // (KD // K)
+        off = row * L
+        goff = (b * K + k) * NSTATE * L
+        An = cuda.local.array(NSTATE, float32)
+        carry = cuda.local.array(NSTATE, float32)
+        for n in range(NSTATE):
+            An[n] = A[c * NSTATE + n]
+            carry[n] = f32(0.0)
+        Dc = D[c]
+        bc = bias[c]
+        uv = cuda.local.array(ITEMS, float32)
+        zv = cuda.local.array(ITEMS, float32)
+        Bv = cuda.local.array((NSTATE, ITEMS), float32)
+        Cv = cuda.local.array((NSTATE, ITEMS), float32)
+        uq = cuda.local.array(ITEMS, float32)
+        zq = cuda.local.array(ITEMS, float32)
+        Bq = cuda.local.array((NSTATE, ITEMS), float32)
+        Cq = cuda.local.array((NSTATE, ITEMS), float32)
+        dtv = cuda.local.array(ITEMS, float32)
+        a = cuda.local.array((NSTATE, ITEMS), float32)
+        bb = cuda.local.array((NSTATE, ITEMS), float32)
+        yv = cuda.local.array(ITEMS, float32)
+        load_round(u, delta, B, C, off, goff, sl * ITEMS, L, uv, zv, Bv, Cv, True)
+        nrounds = (L + VROUND - 1) // VROUND
+        for s in range(nrounds):
+            t0 = s * VROUND + sl * ITEMS
+            more = s + 1 < nrounds
+            if more:
+                load_round(u, delta, B, C, off, goff, t0 + VROUND, L, uq, zq, Bq, Cq, True)
+            gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb)
+            for i in range(ITEMS):
+                yv[i] = Dc * uv[i]
+            for n in range(NSTATE):
+                h, c_out = lane_entry(a, bb, n, carry[n], sl, seg0)
+                carry[n] = c_out
+                for i in range(ITEMS):
+                    h = a[n, i] * h + bb[n, i]
+                    yv[i] += Cv[n, i] * h
+            if active:
+                vstore(y, off, t0, L, yv)
+            if more:
+                for i in range(ITEMS):
+                    uv[i] = uq[i]
+                    zv[i] = zq[i]
+                    for n in range(NSTATE):
+                        Bv[n, i] = Bq[n, i]
+                        Cv[n, i] = Cq[n, i]
+
+    def scan_bwd_vec(u, delta, A, B, C, D, bias, dy, hstart, du, ddelta, partB, partC, partA,
+                     partD, partbias, batch, KD, L, K, softplus):
+        """Backward of scan_fwd_vec (see the CUDA C scan_bwd_vec): pass 1 stores the state
+        entering every round, pass 2 walks the rounds backwards with a segment suffix scan of the
+        adjoint; dB/dC summed over the block's rows in shared memory (deterministic)."""
+        sred = cuda.shared.array(0, float32)
+        lane = cuda.threadIdx.x & 31
+        sl = lane & (SEG - 1)
+        seg0 = lane - sl
+        slot = cuda.threadIdx.x // SEG
+        nslots = cuda.blockDim.x // SEG
+        Dg = KD // K
+        k = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        ci = cuda.blockIdx.x * nslots + slot
+        active = ci < Dg
+        c = k * Dg + (ci if active else 0)
+        row = b * KD + c
+        off = row * L
+        goff = (b * K + k) * NSTATE * L
+        nrounds = (L + VROUND - 1) // VROUND
+        hoff = row * nrounds * NSTATE
+        poff = ((b * K + k) * cuda.gridDim.x + cuda.blockIdx.x) * NSTATE * L
+        An = cuda.local.array(NSTATE, float32)
+        carry = cuda.local.array(NSTATE, float32)
+        for n in range(NSTATE):
+            An[n] = A[c * NSTATE + n]
+            carry[n] = f32(0.0)
+        Dc = D[c]
+        bc = bias[c]
+        uv = cuda.local.array(ITEMS, float32)
+        zv = cuda.local.array(ITEMS, float32)
+        dyv = cuda.local.array(ITEMS, float32)
+        Bv = cuda.local.array((NSTATE, ITEMS), float32)
+        Cv = cuda.local.array((NSTATE, ITEMS), float32)
+        uq = cuda.local.array(ITEMS, float32)
+        zq = cuda.local.array(ITEMS, float32)
+        dyq = cuda.local.array(ITEMS, float32)
+        Bq = cuda.local.array((NSTATE, ITEMS), float32)
+        Cq = cuda.local.array((NSTATE, ITEMS), float32)
+        dtv = cuda.local.array(ITEMS, float32)
+        a = cuda.local.array((NSTATE, ITEMS), float32)
+        bb = cuda.local.array((NSTATE, ITEMS), float32)
+        # pass 1: the state entering every round (u, delta, B; next round's loads in flight)
+        load_round(u, delta, B, C, off, goff, sl * ITEMS, L, uv, zv, Bv, Cv, False)
+        for s in range(nrounds):
+            t0 = s * VROUND + sl * ITEMS
+            more = s + 1 < nrounds
+            if active and sl == 0:
+                for n in range(NSTATE):
+                    hstart[hoff + s * NSTATE + n] = carry[n]
+            if more:
+                load_round(u, delta, B, C, off, goff, t0 + VROUND, L, uq, zq, Bq, Cq, False)
+            gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb)
+            for n in range(NSTATE):
+                h_unused, c_out = lane_entry(a, bb, n, carry[n], sl, seg0)
+                carry[n] = c_out
+            if more:
+                for i in range(ITEMS):
+                    uv[i] = uq[i]
+                    zv[i] = zq[i]
+                    for n in range(NSTATE):
+                        Bv[n, i] = Bq[n, i]
+        syncwarp()        # hstart written by the segment's lane 0 is read by all its lanes
+        # pass 2: rounds last to first
+        gcarry = cuda.local.array(NSTATE, float32)
+        anext = cuda.local.array(NSTATE, float32)
+        dA_acc = cuda.local.array(NSTATE, float32)
+        for n in range(NSTATE):
+            gcarry[n] = f32(0.0)
+            anext[n] = f32(0.0)
+            dA_acc[n] = f32(0.0)
+        dD_acc = f32(0.0)
+        dbias_acc = f32(0.0)
+        hh = cuda.local.array((NSTATE, ITEMS1), float32)
+        duv = cuda.local.array(ITEMS, float32)
+        ddt = cuda.local.array(ITEMS, float32)
+        dzv = cuda.local.array(ITEMS, float32)
+        cb = cuda.local.array((NSTATE, ITEMS), float32)
+        cc = cuda.local.array((NSTATE, ITEMS), float32)
+        t0 = (nrounds - 1) * VROUND + sl * ITEMS
+        load_round(u, delta, B, C, off, goff, t0, L, uv, zv, Bv, Cv, True)
+        vload(dy, off, t0, L, dyv)
+        for si in range(nrounds):
+            s = nrounds - 1 - si
+            base = s * VROUND
+            t0 = base + sl * ITEMS
+            more = s > 0
+            if more:
+                load_round(u, delta, B, C, off, goff, t0 - VROUND, L, uq, zq, Bq, Cq, True)
+                vload(dy, off, t0 - VROUND, L, dyq)
+            # forward recompute: hh[n, i] = state before step i, hh[n, ITEMS] after the last
+            gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb)
+            for n in range(NSTATE):
+                cin = hstart[hoff + s * NSTATE + n] if active else f32(0.0)
+                h, c_unused = lane_entry(a, bb, n, cin, sl, seg0)
+                hh[n, 0] = h
+                for i in range(ITEMS):
+                    h = a[n, i] * h + bb[n, i]
+                    hh[n, i + 1] = h
+            # adjoint g_t = alpha_t g_{t+1} + beta_t, alpha_t = a_{t+1}, beta_t = C_t dy_t
+            for i in range(ITEMS):
+                duv[i] = Dc * dyv[i]
+                ddt[i] = f32(0.0)
+            for n in range(NSTATE):
+                a_after = shfl_down(a[n, 0], 1)         # gate of the next lane's first step
+                if sl == SEG - 1:
+                    a_after = anext[n]
+                la = f32(1.0)
+                lb = f32(0.0)
+                for ii in range(ITEMS):                 # this lane's maps, last step first
+                    i = ITEMS - 1 - ii
+                    alpha = a_after if i == ITEMS - 1 else a[n, min(i + 1, ITEMS - 1)]
+                    lb = alpha * lb + dyv[i] * Cv[n, i]
+                    la = alpha * la
+                off2 = 1
+                while off2 < SEG:            # inclusive suffix scan over the segment's lanes
+                    a_dn, b_dn = shfl_down2(la, lb, off2)
+                    if sl + off2 < SEG:
+                        lb = la * b_dn + lb
+                        la = la * a_dn
+                    off2 *= 2
+                gincl = la * gcarry[n] + lb                 # g at this lane's first step
+                g = shfl_down(gincl, 1)                     # g at the next lane's first step
+                if sl == SEG - 1:
+                    g = gcarry[n]
+                gcarry[n] = shfl_idx(gincl, seg0)
+                anext[n] = shfl_idx(a[n, 0], seg0)
+                for ii in range(ITEMS):
+                    i = ITEMS - 1 - ii
+                    alpha = a_after if i == ITEMS - 1 else a[n, min(i + 1, ITEMS - 1)]
+                    g = alpha * g + dyv[i] * Cv[n, i]       # dL/dh_t
+                    ga = g * hh[n, i] * a[n, i]
+                    duv[i] += g * dtv[i] * Bv[n, i]
+                    ddt[i] += g * Bv[n, i] * uv[i] + ga * An[n]
+                    if t0 + i < L:
+                        dA_acc[n] += ga * dtv[i]
+                    cb[n, i] = g * dtv[i] * uv[i]
+                    cc[n, i] = dyv[i] * hh[n, i + 1]
+            for i in range(ITEMS):
+                dz = ddt[i] * dsoftplus_f(zv[i] + bc) if softplus else ddt[i]
+                dzv[i] = dz
+                if t0 + i < L:
+                    dbias_acc += dz
+                    dD_acc += dyv[i] * uv[i]
+            if active:
+                vstore(du, off, t0, L, duv)
+                vstore(ddelta, off, t0, L, dzv)
+            # dB/dC: this row's contributions to shared memory, summed over the block's rows
+            for n in range(NSTATE):
+                sb = ((slot * 2) * NSTATE + n) * VROUND + sl * ITEMS
+                sc = ((slot * 2 + 1) * NSTATE + n) * VROUND + sl * ITEMS
+                for i in range(ITEMS):
+                    sred[sb + i] = cb[n, i]
+                    sred[sc + i] = cc[n, i]
+            cuda.syncthreads()
+            e = cuda.threadIdx.x
+            while e < NSTATE * VROUND:
+                n = e // VROUND
+                tt = e % VROUND
+                if base + tt < L:
+                    sbv = f32(0.0)
+                    scv = f32(0.0)
+                    for q in range(nslots):
+                        if cuda.blockIdx.x * nslots + q < Dg:      # idle rows hold copies: skip
+                            sbv += sred[((q * 2) * NSTATE + n) * VROUND + tt]
+                            scv += sred[((q * 2 + 1) * NSTATE + n) * VROUND + tt]
+                    partB[poff + n * L + base + tt] = sbv
+                    partC[poff + n * L + base + tt] = scv
+                e += cuda.blockDim.x
+            cuda.syncthreads()
+            if more:
+                for i in range(ITEMS):
+                    uv[i] = uq[i]
+                    zv[i] = zq[i]
+                    dyv[i] = dyq[i]
+                    for n in range(NSTATE):
+                        Bv[n, i] = Bq[n, i]
+                        Cv[n, i] = Cq[n, i]
+        for n in range(NSTATE):
+            v = seg_sum(dA_acc[n])
+            if active and sl == 0:
+                partA[row * NSTATE + n] = v
+        dD_acc = seg_sum(dD_acc)
+        dbias_acc = seg_sum(dbias_acc)
+        if active and sl == 0:
+            partD[row] = dD_acc
+            partbias[row] = dbias_acc
+
+    ns = {"scan_fwd_vec": cuda.jit(scan_fwd_vec), "scan_bwd_vec": cuda.jit(scan_bwd_vec),
+          "py": {"scan_fwd_vec": scan_fwd_vec, "scan_bwd_vec": scan_bwd_vec}}
+    _VEC_BUILT[key] = ns
+    return ns
+
+
+# ---------------------------------------------------------------------------------------
 # kernels that do not depend on d_state
 # ---------------------------------------------------------------------------------------
 def _sum_middle_py(inp, out, outer, P, inner):
@@ -704,6 +1132,13 @@ PTX_KERNELS = [
     ("cross_merge_naive", _cross_merge_naive_py, _sig(2, 4)),
     ("cross_merge_tiled", _cross_merge_tiled_py, _sig(2, 4)),
 ]
+# vec: the three row layouts the host picks (SEG 32/16/8), vector and scalar loads, N = 1 and 2
+for _n, _seg, _items, _vec in ((1, 32, 4, True), (1, 32, 4, False), (1, 16, 4, True), (1, 8, 4, False),
+                               (2, 32, 4, True), (1, 32, 2, True)):
+    _py = _build_vec(_n, _seg, _items, _vec)["py"]
+    _tag = f"N{_n}_S{_seg}_I{_items}_{'v' if _vec else 's'}"
+    PTX_KERNELS += [(f"scan_fwd_vec_{_tag}", _py["scan_fwd_vec"], _sig(8, 5)),
+                    (f"scan_bwd_vec_{_tag}", _py["scan_bwd_vec"], _sig(16, 5))]
 for _n, _ch in ((1, FWD_CHUNKS), (2, BWD_CHUNKS), (1, FUSED_CHUNKS)):
     _py = _build(_n, _ch)["py"]
     PTX_KERNELS += [
@@ -775,6 +1210,11 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
     tail = (_i(batch), _i(KD), _i(L), _i(K), _i(bool(delta_softplus)))
     if version == "naive":
         _build(N, FWD_CHUNKS)["scan_fwd_naive"][(rows + 63) // 64, 64](*args, y, *tail)
+    elif version == "vec":
+        seg, items = vec_layout(L)
+        per_block = VEC_WARPS * 32 // seg
+        _build_vec(N, seg, items, vec_loads_ok(L, items, *args[:5], y))["scan_fwd_vec"][
+            (rows + per_block - 1) // per_block, 32 * VEC_WARPS](*args, y, *tail)
     else:
         _build(N, FWD_CHUNKS)["scan_fwd_warp"][(rows + FWD_WARPS - 1) // FWD_WARPS, 32 * FWD_WARPS](
             *args, y, *tail)
@@ -791,6 +1231,46 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     """Selective scan forward, one warp per row with a warp-shuffle scan (default). Returns
     ``(y, cache)``; see :func:`sparx_ref.ref.scan.selective_scan_fwd`."""
     return _scan_fwd("warp", u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_fwd_vec(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """Ladder rung "vec": a lane holds ITEMS consecutive steps (vector loads), the warp scan runs
+    over lane aggregates, short rows share a warp (:func:`vec_layout`)."""
+    return _scan_fwd("vec", u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan_bwd_vec(dy, cache):
+    """Ladder rung "vec" of the backward (the CUDA C scan_bwd_vec's twin): the two-pass backward
+    with ITEMS steps per lane; dB/dC summed over the block's rows in shared memory."""
+    batch, KD, L, K, N = cache["shape"]
+    check_dy("dy", dy, (batch, KD, L), np.float32)
+    seg, items = vec_layout(L)
+    warps = min(VEC_WARPS, SHARED_LIMIT // (2 * N * 32 * items * 4))
+    if warps < 1:                  # too large a d_state for 48 KB of shared memory
+        return selective_scan_bwd(dy, cache)
+    slots = warps * 32 // seg      # rows (channels of one group) per block
+    Dg = KD // K
+    nblk = (Dg + slots - 1) // slots
+    nrounds = (L + seg * items - 1) // (seg * items)
+    D, bias = cache["D"], cache["delta_bias"]
+    ins = [_flat(cache[name]) for name in ("u", "delta", "A", "B", "C")]
+    dyd = _flat(dy)
+    hstart = cuda.device_array(batch * KD * nrounds * N, np.float32)
+    du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
+    partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
+    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
+    shared = slots * 2 * N * seg * items * 4
+    _build_vec(N, seg, items, vec)["scan_bwd_vec"][(nblk, K, batch), 32 * warps, 0, shared](
+        *ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
+        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])))
+    like = cache["u"]
+    return {"u": _wrap(du, (batch, KD, L), like), "delta": _wrap(ddelta, (batch, KD, L), like),
+            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
+            "B": _wrap(_sum(partB, batch * K, nblk, N * L), (batch, K, N, L), like),
+            "C": _wrap(_sum(partC, batch * K, nblk, N * L), (batch, K, N, L), like),
+            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
+            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
 
 
 def selective_scan_bwd(dy, cache):
