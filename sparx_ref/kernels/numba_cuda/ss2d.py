@@ -21,8 +21,8 @@ import numpy as np
 from numba import cuda, float32, int32
 
 from .._scan_common import K_DIRECTIONS, scan_cache, ss2d_shapes
-from .scan import (SHARED_LIMIT, SIMULATOR, _empty, _flat, _or_zeros, _wrap, shfl_idx, shfl_up2,
-                   softplus_f, ss2d_scan_fwd_composed)
+from .scan import (SHARED_LIMIT, SIMULATOR, _empty, _flat, _or_zeros, _wrap, load_map, shfl_idx,
+                   shfl_up2, softplus_f, ss2d_scan_fwd_composed)
 
 __all__ = ["ss2d_scan_fwd_quad"]
 
@@ -106,18 +106,7 @@ def _build(NSTATE: int, ITEMS: int):
         while e < 2 * H * P:
             smem[pm + e] = f32(0.0)
             e += nthr
-        v = cuda.local.array(8, float32)
-        p0 = tid
-        while p0 < L:
-            for i in range(8):
-                p = p0 + i * nthr
-                v[i] = x[xoff + p] if p < L else f32(0.0)
-            for i in range(8):
-                p = p0 + i * nthr
-                if p < L:
-                    h = p // W
-                    smem[h * P + p - h * W] = v[i]
-            p0 += 8 * nthr
+        load_map(x, xoff, smem, 0, H, W, P)
         cuda.syncthreads()
 
         # 2. warp kdir scans direction kdir
