@@ -37,6 +37,7 @@ CASES = [
     pytest.param(case(5, 7, N=2), id="5x7-N2"),
     pytest.param(case(9, 8, Di=1, regime="wide"), id="9x8-two-rounds"),       # L = 72 (sim: 64 + 8)
     pytest.param(case(11, 13, Di=1, batch=2, has_bias=False), id="11x13-b2"),  # L = 143 > 128
+    pytest.param(case(2, 70, Di=1), id="2x70-rows-wider-than-a-sim-round"),
 ]
 
 
@@ -156,6 +157,8 @@ def _cupy_args(kind, arrays):
 @pytest.mark.parametrize("c", CASES + [
     pytest.param(case(8, 6, Di=1), id="8x6-float4"),                 # L = 48: float4 path, 1 round
     pytest.param(case(12, 11, Di=1, N=2, regime="wide"), id="12x11-float4-two-rounds-N2"),
+    pytest.param(case(2, 150, Di=1, has_D=False), id="2x150-rows-wider-than-a-round"),
+    pytest.param(case(150, 2, Di=1, regime="near_one"), id="150x2-columns-longer-than-a-round"),
 ])
 def test_cupy_quad_matches_reference(cupy_quad, c):
     mod, kind = cupy_quad

@@ -64,6 +64,7 @@ __device__ __forceinline__ float quad_softplus(float z) { return z > 20.f ? z : 
 
 // First map position, as (major, minor), of scan index t in direction kdir: s = t (kdir 0, 1)
 // or L-1-t (2, 3); minor runs fastest (w for row-major kdir 0/2, h for column-major 1/3).
+// (For t >= L the result is meaningless and never used: those steps are masked.)
 __device__ __forceinline__ void quad_start(int kdir, int t, int H, int W, int &major, int &minor) {
     int s = (kdir >= 2) ? (H * W - 1 - t) : t;
     int M = (kdir & 1) ? H : W;
@@ -196,6 +197,12 @@ __global__ void ss2d_fwd_quad(const float* __restrict__ x, const float* __restri
     for (int n = 0; n < NSTATE; ++n) { An[n] = A[ch * NSTATE + n]; carry[n] = 0.f; }
     const float Dc = D[ch], bch = bias[ch];
     const int nrounds = (L + QROUND - 1) / QROUND;
+    // map position (major, minor) of the lane's first step, moved on by QROUND steps a round
+    // (one division here instead of one a round)
+    const int M = (kdir & 1) ? H : W;
+    const int adv_major = QROUND / M, adv_minor = QROUND - adv_major * M;
+    int major0, minor0;
+    quad_start(kdir, lane * ITEMS, H, W, major0, minor0);
 
     float z[ITEMS], Bv[ITEMS][NSTATE], Cv[ITEMS][NSTATE];
     quad_load(dg, Bg, Cg, lane * ITEMS, L, vec, z, Bv, Cv);
@@ -208,8 +215,7 @@ __global__ void ss2d_fwd_quad(const float* __restrict__ x, const float* __restri
         // the lane's inputs: u from the shared map, dt = softplus(delta + bias)
         float u[ITEMS], dt[ITEMS], yv[ITEMS];
         int addr[ITEMS];
-        int major = 0, minor = 0;
-        if (t0 < L) quad_start(kdir, t0, H, W, major, minor);
+        int major = major0, minor = minor0;
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             bool ok = t0 + i < L;
@@ -255,6 +261,8 @@ __global__ void ss2d_fwd_quad(const float* __restrict__ x, const float* __restri
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i)
             if (t0 + i < L) atomicAdd(acc + addr[i], yv[i]);
+        if (kdir < 2) { minor0 += adv_minor; major0 += adv_major; if (minor0 >= M) { minor0 -= M; ++major0; } }
+        else          { minor0 -= adv_minor; major0 -= adv_major; if (minor0 < 0) { minor0 += M; --major0; } }
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             z[i] = zn[i];

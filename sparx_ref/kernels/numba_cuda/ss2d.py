@@ -38,7 +38,7 @@ QUAD_THREADS = 128                   # four warps, one per direction
 @cuda.jit(device=True, inline=True)
 def quad_start(kdir, t, H, W):
     """First map position (major, minor) of scan index t in direction kdir; minor runs fastest
-    (w for the row-major directions 0/2, h for the column-major 1/3)."""
+    (w for the row-major directions 0/2, h for the column-major 1/3); unused when t >= L."""
     s = H * W - 1 - t if kdir >= 2 else t
     M = H if kdir & 1 else W
     major = s // M
@@ -124,6 +124,11 @@ def _build(NSTATE: int, ITEMS: int):
         Dc = D[ch]
         bch = bias[ch]
         nrounds = (L + ROUND - 1) // ROUND
+        # map position of the lane's first step, moved on by ROUND steps a round
+        M = H if kdir & 1 else W
+        adv_major = ROUND // M
+        adv_minor = ROUND - adv_major * M
+        major0, minor0 = quad_start(kdir, lane * ITEMS, H, W)
         z = cuda.local.array(ITEMS, float32)
         Bv = cuda.local.array((ITEMS, NSTATE), float32)
         Cv = cuda.local.array((ITEMS, NSTATE), float32)
@@ -141,10 +146,8 @@ def _build(NSTATE: int, ITEMS: int):
             t0 = r * ROUND + lane * ITEMS
             # the next round's loads go out before this round is scanned
             quad_load(delta, doff, B, C, goff, t0 + ROUND, L, zn, Bn, Cn)
-            major = 0
-            minor = 0
-            if t0 < L:
-                major, minor = quad_start(kdir, t0, H, W)
+            major = major0
+            minor = minor0
             for i in range(ITEMS):
                 ok = t0 + i < L
                 addr[i] = quad_addr(kdir, major, minor, P) if ok else 0
@@ -184,6 +187,18 @@ def _build(NSTATE: int, ITEMS: int):
             for i in range(ITEMS):      # two addends per element: deterministic
                 if t0 + i < L:
                     cuda.atomic.add(smem, acc + addr[i], yv[i])
+            if kdir < 2:
+                minor0 += adv_minor
+                major0 += adv_major
+                if minor0 >= M:
+                    minor0 -= M
+                    major0 += 1
+            else:
+                minor0 -= adv_minor
+                major0 -= adv_major
+                if minor0 < 0:
+                    minor0 += M
+                    major0 -= 1
             for i in range(ITEMS):
                 z[i] = zn[i]
                 for n in range(NSTATE):
