@@ -71,7 +71,7 @@ def test_cupy_source_compiles_for_compute90(name, src, opts):
 
 # --- ss2d "quad" forward (sparx_ref/kernels/{numba_cuda,cupy}/ss2d.py): besides compiling, its
 # per-lane register arrays (ITEMS steps x NSTATE) must stay in registers: no .local, no .f64
-@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("n", [0, 1, 2])
 def test_ss2d_quad_numba_ptx_has_no_local_memory_and_no_f64(n):
     from numba import cuda
     from sparx_ref.kernels.numba_cuda.ss2d import PTX_KERNELS
@@ -81,7 +81,7 @@ def test_ss2d_quad_numba_ptx_has_no_local_memory_and_no_f64(n):
 
 
 @pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DITEMS=4"), ("-DNSTATE=2", "-DITEMS=4"),
-                                  ("-DNSTATE=1", "-DITEMS=8")])
+                                  ("-DNSTATE=1", "-DITEMS=8"), ("-DNSTATE=1", "-DITEMS=2")])
 def test_ss2d_quad_cuda_ptx_has_no_local_memory_and_no_f64(opts):
     from cuda.bindings import nvrtc
     from sparx_ref.kernels.cupy.ss2d import CUDA_SOURCES
@@ -96,3 +96,42 @@ def test_ss2d_quad_cuda_ptx_has_no_local_memory_and_no_f64(opts):
     ptx = ptx.decode(errors="replace")
     assert ".local" not in ptx and ".f64" not in ptx, opts
     assert ptx.count("atom.shared.add.f32") + ptx.count("red.shared.add.f32") > 0, "shared atomics"
+
+
+# --- selective scan "vec" rung (sparx_ref/kernels/{numba_cuda,cupy}/scan.py): besides compiling,
+# its per-lane arrays (ITEMS steps x NSTATE, two rounds in flight) must stay in registers (no
+# .local), no float64 may creep in (.f64), and the vector variants must really issue 16-byte loads.
+def _nvrtc_ptx(src, name, opts):
+    from cuda.bindings import nvrtc
+    err, prog = nvrtc.nvrtcCreateProgram(src.encode(), f"{name}.cu".encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    args = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [o.encode() for o in opts]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
+    assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, (name, opts)
+    _, size = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    return ptx.decode(errors="replace")
+
+
+@pytest.mark.parametrize("nstate,seg,items,vec", [(1, 32, 4, 1), (1, 32, 4, 0), (1, 16, 4, 1), (1, 8, 4, 0),
+                                                  (2, 32, 4, 1), (1, 32, 2, 1), (1, 32, 8, 1)])
+def test_scan_vec_cuda_ptx_has_no_local_memory_and_no_f64(nstate, seg, items, vec):
+    from sparx_ref.kernels.cupy.scan import CUDA_SOURCES
+    ptx = _nvrtc_ptx(CUDA_SOURCES["scan_vec"], "scan_vec",
+                     (f"-DNSTATE={nstate}", f"-DSEG={seg}", f"-DITEMS={items}", f"-DVEC={vec}"))
+    assert ".local" not in ptx and ".f64" not in ptx
+    width = 4 if items % 4 == 0 else 2
+    assert (f"ld.global.nc.v{width}.f32" in ptx) == bool(vec)
+    assert (f"st.global.v{width}.f32" in ptx) == bool(vec)
+
+
+@pytest.mark.parametrize("name", ["scan_fwd_vec_N1_S32_I4_v", "scan_bwd_vec_N1_S32_I4_v", "scan_bwd_vec_N2_S32_I4_v",
+                                  "scan_fwd_vec_N1_S8_I4_s"])
+def test_scan_vec_numba_ptx_has_no_local_memory_and_no_f64(name):
+    from numba import cuda
+    from sparx_ref.kernels.numba_cuda.scan import PTX_KERNELS
+    (fn, sig), = [(f, s) for n, f, s in PTX_KERNELS if n == name]
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    assert ".local" not in ptx and ".f64" not in ptx, name
+    assert ("ld.global.v4.f32" in ptx) == name.endswith("_v"), name

@@ -29,7 +29,8 @@ def case(H, W, *, N=1, Di=2, batch=1, regime="normal", has_D=True, has_bias=True
                 seed=seed or H * 100 + W)
 
 
-# (H, W) and what each case is for; ROUND = 32 * ITEMS steps (64 in the simulator, 128 on a GPU)
+# (H, W) and what each case is for; a round is 32 * ITEMS steps: 64 in the simulator and for
+# L <= 64 (ITEMS = 2), else 128 (ITEMS = 4, float4 loads in the CUDA C when L % 4 == 0)
 CASES = [
     pytest.param(case(1, 1, regime="wide", has_D=False, has_bias=False), id="1x1"),
     pytest.param(case(1, 9, Di=1), id="1x9-row"),
@@ -155,7 +156,7 @@ def _cupy_args(kind, arrays):
 
 
 @pytest.mark.parametrize("c", CASES + [
-    pytest.param(case(8, 6, Di=1), id="8x6-float4"),                 # L = 48: float4 path, 1 round
+    pytest.param(case(8, 10, Di=1), id="8x10-float4"),               # L = 80: float4 path, 1 round
     pytest.param(case(12, 11, Di=1, N=2, regime="wide"), id="12x11-float4-two-rounds-N2"),
     pytest.param(case(2, 150, Di=1, has_D=False), id="2x150-rows-wider-than-a-round"),
     pytest.param(case(150, 2, Di=1, regime="near_one"), id="150x2-columns-longer-than-a-round"),

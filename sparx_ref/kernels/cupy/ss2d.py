@@ -20,6 +20,8 @@ that walk 2 directions each, one 32-step warp scan after another: a long depende
   lane, which then walks its ITEMS steps. The carry into the next round is lane 31's inclusive
   aggregate applied to the carry (one FMA: rounds do not wait on each other's walks). delta, B, C
   of round r+1 are loaded (float4 when L % 4 == 0 and aligned) before round r is scanned.
+  ITEMS = 4 (rounds of 128 steps); 2 when L <= 64 (a 7x7 map's one round would leave 62% of
+  the lanes idle with 4).
 - **Merge** without ordering the warps: y_k is ``atomicAdd``-ed into Pm (k = 0, 1) or Qm
   (k = 2, 3). Each accumulator element receives exactly two addends onto +0, and
   ``(0 + a) + b == (0 + b) + a`` bitwise: IEEE addition is commutative, and ``0 + a`` only
@@ -285,6 +287,7 @@ __global__ void ss2d_fwd_quad(const float* __restrict__ x, const float* __restri
 NVRTC_OPTIONS = ("-DNSTATE=1", "-DITEMS=4")
 
 QUAD_ITEMS = 4            # consecutive steps per lane (a multiple of 4: float4 loads)
+SHORT_ITEMS = 2           # for L <= 64 (7x7 maps): one round of 64 steps wastes fewer lanes than 128
 QUAD_THREADS = 128        # four warps, one per direction
 _MODULES: dict = {}
 _ALLOW_VEC = {"on": True}   # tests switch float4 off to run the scalar path on aligned maps
@@ -327,9 +330,10 @@ def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     KD, L = K_DIRECTIONS * Di, H * W
     xd, dd, Bd, Cd = _dev(x), _dev(delta), _dev(B), _dev(C)
     y = _empty((batch, Di, H, W))
-    vec = (_ALLOW_VEC["on"] and QUAD_ITEMS % 4 == 0 and L % 4 == 0
+    items = SHORT_ITEMS if L <= 32 * SHORT_ITEMS else QUAD_ITEMS
+    vec = (_ALLOW_VEC["on"] and items % 4 == 0 and L % 4 == 0
            and all(_address(a) % 16 == 0 for a in (xd, dd, Bd, Cd)))
-    _kernel(N, QUAD_ITEMS, shared)(
+    _kernel(N, items, shared)(
         (batch * Di,), (QUAD_THREADS,),
         (xd, dd, _dev(A), Bd, Cd, _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
          np.int32(batch), np.int32(Di), np.int32(H), np.int32(W), np.int32(P),

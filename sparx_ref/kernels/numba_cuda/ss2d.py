@@ -32,6 +32,7 @@ if SIMULATOR:  # pragma: no cover - the simulator swaps ``cuda`` only in the glo
 
 f32 = np.float32
 QUAD_ITEMS = 2 if SIMULATOR else 4   # consecutive steps per lane (simulator: 64-step rounds)
+SHORT_ITEMS = 2                      # for L <= 64 (7x7 maps): fewer idle lanes in the one round
 QUAD_THREADS = 128                   # four warps, one per direction
 
 
@@ -222,7 +223,7 @@ def _build(NSTATE: int, ITEMS: int):
 # what tests/compile_checks.py compiles for sm_90 (name, python function, signature)
 _SIG = "void(" + ", ".join(["float32[::1]"] * 8 + ["int32"] * 6) + ")"
 PTX_KERNELS = [(f"ss2d_fwd_quad_N{_n}_I{_it}", _build(_n, _it)["py"], _SIG)
-               for _n, _it in ((1, QUAD_ITEMS), (2, QUAD_ITEMS))]
+               for _n, _it in ((1, QUAD_ITEMS), (2, QUAD_ITEMS), (1, SHORT_ITEMS))]
 
 
 def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
@@ -237,10 +238,11 @@ def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     shared = 3 * H * P * 4
     if shared > SHARED_LIMIT:
         return ss2d_scan_fwd_composed(x, delta, A, B, C, D, delta_bias, delta_softplus)
-    KD = K_DIRECTIONS * Di
+    KD, L = K_DIRECTIONS * Di, H * W
     y = _empty((batch, Di, H, W))
     i32 = np.int32
-    _build(N, QUAD_ITEMS)["ss2d_fwd_quad"][batch * Di, QUAD_THREADS, 0, shared](
+    items = SHORT_ITEMS if L <= 32 * SHORT_ITEMS else QUAD_ITEMS
+    _build(N, items)["ss2d_fwd_quad"][batch * Di, QUAD_THREADS, 0, shared](
         _flat(x), _flat(delta), _flat(A), _flat(B), _flat(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
         i32(batch), i32(Di), i32(H), i32(W), i32(P), i32(bool(delta_softplus)))
     return (_wrap(y, (batch, Di, H, W), x),
