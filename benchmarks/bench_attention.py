@@ -140,6 +140,40 @@ def _fns(backend, kind, version):
     return getattr(mod, f"{kind}_attention_fwd_{version}"), getattr(mod, f"{kind}_attention_bwd_{version}")
 
 
+def _kernel_runs(op):
+    """(backend, version, default, launch mode) to time: every version as the library runs it
+    (launch mode None), and each numba_cuda version once more with Numba's own dispatcher
+    launch (mode "0" of sparx_ref/kernels/numba_cuda/_launch.py): before/after in one run."""
+    out = []
+    for backend, version, default in _kernel_versions(op):
+        out.append((backend, version, default, None))
+        if backend == "numba_cuda":
+            out.append((backend, version, default, "0"))
+    return out
+
+
+def _label(backend, version, default, launch_mode):
+    tail = " [dispatcher launch]" if launch_mode == "0" else ""
+    return f"{backend} {version}{' (default)' if default else ''}{tail}"
+
+
+def _with_launch_mode(fns, launch_mode):
+    """The (fwd, bwd) pair, each run under the given Numba launch mode (None: unchanged)."""
+    if launch_mode is None:
+        return fns
+    from sparx_ref.kernels.numba_cuda import _launch
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            old = _launch.set_mode(launch_mode)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _launch.set_mode(old)
+        return run
+    return tuple(wrap(fn) for fn in fns)
+
+
 def _to_backend(backend, t):
     if backend == "cupy":
         import cupy
@@ -198,8 +232,8 @@ def bench_window(floors, sets, reps, sweep):
     x0 = inputs[0]
     ref_out, _ = ref_fwd(*(x0[n][sl].double().cpu().numpy() for n in ("q", "k", "v")),
                          x0["bias"].double().cpu().numpy(), mask.double().cpu().numpy())
-    for backend, version, default in _kernel_versions("window_attention_fwd"):
-        fwd_k, bwd_k = _fns(backend, "window", version)
+    for backend, version, default, launch_mode in _kernel_runs("window_attention_fwd"):
+        fwd_k, bwd_k = _with_launch_mode(_fns(backend, "window", version), launch_mode)
         xs = [{n: _to_backend(backend, x[n]) for n in ("q", "k", "v", "bias", "dout")} for x in inputs]
         mk = _to_backend(backend, mask)
         out, _ = fwd_k(xs[0]["q"], xs[0]["k"], xs[0]["v"], xs[0]["bias"], mk)
@@ -217,11 +251,11 @@ def bench_window(floors, sets, reps, sweep):
             it[0] += 1
             _, cache = fwd_k(x["q"], x["k"], x["v"], x["bias"], mk)
             return bwd_k(x["dout"], cache)
-        r = _row(f"{backend} {version}{' (default)' if default else ''}", median_ms(kf, reps), median_ms(kfb, reps),
+        r = _row(_label(backend, version, default, launch_mode), median_ms(kf, reps), median_ms(kfb, reps),
                  prob, floors, torch_ms)
         r["rel_err_out_vs_f64"] = err
         rows.append(r)
-        if sweep and version == "static":
+        if sweep and version == "static" and launch_mode is None:
             rows += _sweep_window(backend, version, kf, kfb, prob, floors, torch_ms, reps)
     return prob, rows
 
@@ -255,31 +289,58 @@ def _sweep_window(backend, version, kf, kfb, prob, floors, torch_ms, reps):
 
 
 def numba_overheads():
-    """Host-side cost of Numba's pieces of one kernel call (microseconds), to explain its times."""
+    """Host-side cost of Numba's pieces of one kernel call (microseconds), to explain its times:
+    Numba's own way (allocation, DeviceNDArray.reshape, dispatcher launch) and the light path of
+    sparx_ref/kernels/numba_cuda/_launch.py (FlatView, launch), measured side by side."""
     import torch
     from numba import cuda
 
+    from sparx_ref.kernels.numba_cuda import _launch
     from sparx_ref.kernels.numba_cuda import attention as A
     n = 200
     out = {}
     a = cuda.device_array(1024, dtype=np.float32)
     b = cuda.device_array(1024, dtype=np.float32)
     kern = A._k(np.float32, "sum_leading")
-    kern[1, 32](a, b, np.int64(1), np.int64(1024))
-    torch.cuda.synchronize()
-    for name, fn in (("device_array (allocation)", lambda: cuda.device_array((64, 49), dtype=np.float32)),
-                     ("reshape to 1-D (_flat)", lambda: A._flat(a)),
-                     ("launch, 4 arguments", lambda: kern[1, 32](a, b, np.int64(1), np.int64(1024))),
-                     ("launch, 14 arguments", lambda: A._k(np.float32, "bmm_naive")[1, 32](
-                         a, a, b, np.int64(1), np.int64(1), np.int64(1), np.int64(1), np.int64(0), np.int64(0),
-                         np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.float32(1)))):
-        fn()
+    bmm = A._k(np.float32, "bmm_naive")
+    i1, i0, one = np.int64(1), np.int64(0), np.float32(1)
+    bmm_scalars = (i1, i1, i1, i1, i0, i0, i0, i0, i0, i0, one)
+    kern[1, 32](a, b, i1, np.int64(1024))
+    bmm[1, 32](a, a, b, *bmm_scalars)
+    old_mode = _launch.set_mode("1")
+    try:
+        fa, fb = _launch.flat(a), _launch.flat(b)
+        for _ in range(2):                       # first call plans (through the dispatcher), second is fast
+            _launch.launch(kern, 1, 32, fa, fb, i1, np.int64(1024))
+            _launch.launch(bmm, 1, 32, fa, fa, fb, *bmm_scalars)
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
+        cases = (
+            ("device_array (allocation)", lambda: cuda.device_array((64, 49), dtype=np.float32)),
+            ("reshape to 1-D (numba reshape)", lambda: a.reshape(1024)),
+            ("launch, 4 arguments", lambda: kern[1, 32](a, b, i1, np.int64(1024))),
+            ("launch, 14 arguments", lambda: bmm[1, 32](a, a, b, *bmm_scalars)),
+            ("fast: flat view", lambda: _launch.flat(a)),
+            ("fast: launch, 4 arguments", lambda: _launch.launch(kern, 1, 32, fa, fb, i1, np.int64(1024))),
+            ("fast: launch, 14 arguments", lambda: _launch.launch(bmm, 1, 32, fa, fa, fb, *bmm_scalars)),
+            ("fast: 3 flat views + launch, 14 arguments", lambda: _launch.launch(
+                bmm, 1, 32, _launch.flat(a), _launch.flat(a), _launch.flat(b), *bmm_scalars)),
+        )
+        fast_before = _launch.stats()["fast"]
+        for name, fn in cases:
             fn()
-        torch.cuda.synchronize()
-        out[name] = (time.perf_counter() - t) / n * 1e6
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            out[name] = (time.perf_counter() - t) / n * 1e6
+        fast_launches = _launch.stats()["fast"] - fast_before
+    finally:
+        _launch.set_mode(old_mode)
+    # the fast rows must really have taken the fast path (3 cases x (n + 1) calls)
+    if fast_launches != 3 * (n + 1):
+        print(f"WARNING: only {fast_launches} of {3 * (n + 1)} 'fast:' launches took the fast path")
+        out["fast path launches (expected 603)"] = float(fast_launches)
     return out
 
 
@@ -312,8 +373,8 @@ def bench_dmca(prob, floors, sets, reps):
         rows.append(dict(label=f"torch {tname}", fwd_ms=torch_ms[tname][0], fwdbwd_ms=torch_ms[tname][1]))
     x0 = inputs[0]
     ref_out, _ = ref_fwd(*(x0[n][:2].double().cpu().numpy() for n in ("q", "k", "v")), groups=G)
-    for backend, version, default in _kernel_versions("dmca_attention_fwd"):
-        fwd_k, bwd_k = _fns(backend, "dmca", version)
+    for backend, version, default, launch_mode in _kernel_runs("dmca_attention_fwd"):
+        fwd_k, bwd_k = _with_launch_mode(_fns(backend, "dmca", version), launch_mode)
         xs = [{n: _to_backend(backend, x[n]) for n in ("q", "k", "v", "dout")} for x in inputs]
         out, _ = fwd_k(xs[0]["q"], xs[0]["k"], xs[0]["v"], G)
         out_host = out.get() if hasattr(out, "get") else out.copy_to_host()
@@ -330,7 +391,7 @@ def bench_dmca(prob, floors, sets, reps):
             it[0] += 1
             _, cache = fwd_k(x["q"], x["k"], x["v"], G)
             return bwd_k(x["dout"], cache)
-        r = _row(f"{backend} {version}{' (default)' if default else ''}", median_ms(kf, reps), median_ms(kfb, reps),
+        r = _row(_label(backend, version, default, launch_mode), median_ms(kf, reps), median_ms(kfb, reps),
                  prob, floors, torch_ms)
         r["rel_err_out_vs_f64"] = err
         rows.append(r)

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ ARRAY_CASES = [
     ((7,), None, "float32"), ((7,), (3,), "float32"), ((1,), None, "int32"),
     ((3, 5), None, "float64"), ((3, 5), (1, 3), "float32"), ((3, 5), (10, 1), "float32"),
     ((2, 3, 4), None, "float32"), ((2, 3, 4), (1, 2, 6), "float64"), ((2, 3, 4), (24, 8, 2), "int32"),
-    ((2, 1, 3, 2), None, "float32"), ((2, 3, 4, 5), (1, 2, 6, 24), "float32"), ((2, 2, 2, 2), (16, 8, 4, 1), "float64"),
+    ((2, 1, 3, 2), None, "float32"), ((2, 3, 4, 5), (1, 2, 6, 24), "float32"),
+    ((2, 2, 2, 2), (16, 8, 4, 1), "float64"),
 ]   # (no empty array: numba needs a driver context to build one)
 SCALAR_CASES = [("int32", "np.int32(-5)"), ("int64", "7"), ("int64", "np.int64(-2**40)"), ("float32", "np.float32(1.5)"),
                 ("float64", "2.25"), ("boolean", "True")]
@@ -408,3 +410,115 @@ def test_fortran_parameter_takes_fortran_array_only():
     assert _norm(L.pack_args([f], [ok])) == _norm([0, 0, 12, 4, 0x1000, 3, 4, 4, 12])
     with pytest.raises(ValueError, match="Fortran-contiguous"):
         L.pack_args([f], [FakeCAI(0x1000, (3, 4), None, np.float32)])
+
+
+# ----------------------------------------------------------------------------------------
+# 5. on a GPU (skipped here): the fast path against the dispatcher, verify mode on
+# ----------------------------------------------------------------------------------------
+def _gpu():
+    return not L.SIMULATOR and cuda.is_available()
+
+
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with the simulator off")
+def test_gpu_fast_launch_equals_dispatcher(rng):
+    @cuda.jit
+    def scale_add(out, x, y, a, n):
+        i = cuda.grid(1)
+        if i < n:
+            out[i] = a * x[i] + y[i]
+
+    @cuda.jit
+    def twice_2d(out, x):
+        i, j = cuda.grid(2)
+        if i < x.shape[0] and j < x.shape[1]:
+            out[i, j] = 2 * x[i, j]
+
+    old = L.set_mode("verify")
+    try:
+        before = L.stats()
+        n = 1000
+        x, y = rng.standard_normal(2 * n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        dx, dy = cuda.to_device(x), cuda.to_device(y)
+        cases = [("FlatView", lambda: L.flat(dx[:n]), x[:n]), ("C", lambda: dx[:n], x[:n]),
+                 ("strided", lambda: dx[::2], x[::2])]
+        for name, make_x, xs in cases:
+            for _ in range(3):
+                out = cuda.to_device(np.full(n, np.nan, np.float32))
+                with warnings.catch_warnings():         # verify mode skips (and says so) non-C arrays
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    L.launch(scale_add, (n + 127) // 128, 128, out, make_x(), dy, np.float32(0.5), np.int64(n))
+            np.testing.assert_allclose(out.copy_to_host(), np.float32(0.5) * xs + y, rtol=1e-6, atol=1e-6,
+                                       err_msg=name)
+        a2 = rng.standard_normal((40, 24)).astype(np.float32)
+        d2 = cuda.to_device(np.asfortranarray(a2))                                    # 'F' layout
+        for _ in range(3):
+            o2 = cuda.to_device(np.full((40, 24), np.nan, np.float32))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                L.launch(twice_2d, (5, 3), (8, 8), o2, d2)
+        np.testing.assert_array_equal(o2.copy_to_host(), 2 * a2)
+        after = L.stats()
+        assert after["fast"] - before["fast"] >= 8, (before, after)
+        assert after["verified"] - before["verified"] >= 2, (before, after)    # the two C-contiguous plans
+    finally:
+        L.set_mode(old)
+
+
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with the simulator off")
+def test_gpu_fast_launch_takes_cupy_and_torch(rng):
+    @cuda.jit
+    def add(out, x, n):
+        i = cuda.grid(1)
+        if i < n:
+            out[i] = out[i] + x[i]
+
+    n = 777
+    x = rng.standard_normal(n).astype(np.float32)
+    libs = []
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+        libs.append(("cupy", cupy.asarray, lambda a: cupy.asnumpy(a)))
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            libs.append(("torch", lambda a: torch.from_numpy(a).cuda(), lambda a: a.cpu().numpy()))
+    except Exception:  # noqa: BLE001
+        pass
+    if not libs:
+        pytest.skip("neither CuPy nor CUDA torch can allocate")
+    old = L.set_mode("verify")
+    try:
+        for name, put, get in libs:
+            before = L.stats()
+            out, dx = put(np.ones(n, np.float32)), put(x)
+            for _ in range(3):
+                L.launch(add, (n + 127) // 128, 128, out, dx, np.int64(n))
+            np.testing.assert_array_equal(get(out), 1 + 3 * x, err_msg=name)
+            assert L.stats()["fast"] - before["fast"] == 2, name
+    finally:
+        L.set_mode(old)
+
+
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with the simulator off")
+@pytest.mark.parametrize("version", ["naive", "tiled"])
+def test_gpu_dmca_fast_equals_dispatcher_bitwise(rng, version):
+    from sparx_ref.kernels.numba_cuda import attention as A
+    B, C, G, Ls, Lf = 2, 48, 4, 9, 50
+    q, k = rng.standard_normal((B, C, Ls)).astype(np.float32), rng.standard_normal((B, C, Ls)).astype(np.float32)
+    v, dout = rng.standard_normal((B, C, Lf)).astype(np.float32), rng.standard_normal((B, C, Lf)).astype(np.float32)
+    results = {}
+    for mode in ("0", "verify", "1"):
+        old = L.set_mode(mode)
+        try:
+            for _ in range(2):                          # the second call of each plan is the fast one
+                out, cache = getattr(A, f"dmca_attention_fwd_{version}")(*(cuda.to_device(a) for a in (q, k, v)), G)
+                grads = getattr(A, f"dmca_attention_bwd_{version}")(cuda.to_device(dout), cache)
+            results[mode] = [out.copy_to_host()] + [grads[n].copy_to_host() for n in ("q", "k", "v")]
+        finally:
+            L.set_mode(old)
+    for mode in ("verify", "1"):
+        for a, b in zip(results["0"], results[mode]):
+            np.testing.assert_array_equal(a, b)
