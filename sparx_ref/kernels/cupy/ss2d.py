@@ -290,6 +290,7 @@ QUAD_ITEMS = 4            # consecutive steps per lane (a multiple of 4: float4 
 SHORT_ITEMS = 2           # for L <= 64 (7x7 maps): one round of 64 steps wastes fewer lanes than 128
 QUAD_THREADS = 128        # four warps, one per direction
 _MODULES: dict = {}
+_SHARED_CAP: dict = {}     # device id -> opt-in shared memory per block
 _ALLOW_VEC = {"on": True}   # tests switch float4 off to run the scalar path on aligned maps
 
 
@@ -309,6 +310,16 @@ def _kernel(nstate, items, shared):
     return k
 
 
+def _shared_cap() -> int:
+    """The device's opt-in shared memory per block, asked once per device (``attributes`` reads
+    every attribute: ~0.1 ms of host time a call)."""
+    import cupy
+    dev = getattr(cupy.cuda.Device(), "id", 0)
+    if dev not in _SHARED_CAP:
+        _SHARED_CAP[dev] = _max_shared()
+    return _SHARED_CAP[dev]
+
+
 def _address(a) -> int:
     """Device address of an array's first element (CuPy, or NumPy in the CPU stand-in)."""
     iface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
@@ -325,7 +336,7 @@ def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplu
                                         backend="cupy")
     P = W | 1
     shared = 3 * H * P * 4
-    if shared > _max_shared():
+    if shared > _shared_cap():
         return ss2d_scan_fwd_composed(x, delta, A, B, C, D, delta_bias, delta_softplus)
     KD, L = K_DIRECTIONS * Di, H * W
     xd, dd, Bd, Cd = _dev(x), _dev(delta), _dev(B), _dev(C)
