@@ -49,7 +49,9 @@ def _norm(values):
     """Parameter list -> comparable [kind, value] pairs (ints are pointer-sized for cuda.core)."""
     out = []
     for v in values:
-        if isinstance(v, bool):
+        if isinstance(v, np.generic):
+            out.append([type(v).__name__, v.item()])
+        elif isinstance(v, bool):
             out.append(["bool", v])
         elif isinstance(v, int):
             out.append(["intptr", v])
@@ -66,8 +68,9 @@ ARRAY_CASES = [
     ((2, 1, 3, 2), None, "float32"), ((2, 3, 4, 5), (1, 2, 6, 24), "float32"),
     ((2, 2, 2, 2), (16, 8, 4, 1), "float64"),
 ]   # (no empty array: numba needs a driver context to build one)
-SCALAR_CASES = [("int32", "np.int32(-5)"), ("int64", "7"), ("int64", "np.int64(-2**40)"), ("float32", "np.float32(1.5)"),
-                ("float64", "2.25"), ("boolean", "True")]
+SCALAR_CASES = [("int32", "np.int32(-5)"), ("int32", "-7"), ("int64", "7"), ("int64", "np.int64(-2**40)"),
+                ("float32", "np.float32(1.5)"), ("float32", "0.1"), ("float64", "2.25"), ("float64", "np.float64(-3e-300)"),
+                ("boolean", "True"), ("boolean", "np.bool_(False)"), ("uint32", "np.uint32(4000000000)")]
 
 
 def _byte_strides(shape, strides, dtype):
@@ -98,6 +101,16 @@ class FakeMemory:                      # stands for numba's MemoryPointer: only 
 
 class FakeKernelSelf:                  # _prepare_args reads only self.extensions
     extensions = []
+
+def param_bytes(values, sizes):
+    """The bytes cuda.core's launch hands the driver for each parameter (its ParamHolder)."""
+    from cuda.core._kernel_arg_handler import ParamHolder
+    holder = ParamHolder(values)
+    ptrs = (ctypes.c_void_p * len(values)).from_address(holder.ptr)
+    return [ctypes.string_at(p, n).hex() for p, n in zip(ptrs, sizes)]
+
+def width(v):
+    return ctypes.sizeof(v) if isinstance(v, ctypes._SimpleCData) else 1 if isinstance(v, bool) else np.asarray(v).itemsize
 
 def norm(values):
     out = []
@@ -134,9 +147,11 @@ for i, (shape, strides, dtype) in enumerate(cases["arrays"]):
     numba_args = []
     _Kernel._prepare_args(FakeKernelSelf(), ty, d, 0, [], numba_args)
     fields = model_fields(ty)
-    res["arrays"].append({"type": str(ty), "layout": ty.layout, "numba": norm(numba_args),
-                          "ours": norm(L.pack_args([ty], [d])), "model": fields,
-                          "flat_type_same": None})
+    ours = L.pack_args([ty], [d])
+    sizes = [f[1] for f in fields]
+    res["arrays"].append({"type": str(ty), "layout": ty.layout, "numba": norm(numba_args), "ours": norm(ours),
+                          "model": fields, "numba_bytes": param_bytes(numba_args, sizes),
+                          "ours_bytes": param_bytes(ours, sizes)})
 fv = L.FlatView(None, 0x5000, 10, np.float32)
 d1 = DeviceNDArray((10,), (4,), np.float32, gpu_data=FakeMemory(0x5000))
 res["flatview_type"] = [str(typeof(fv, Purpose.argument)), str(d1._numba_type_)]
@@ -147,9 +162,11 @@ for tyname, expr in cases["scalars"]:
     numba_args = []
     _Kernel._prepare_args(FakeKernelSelf(), ty, val, 0, [], numba_args)
     ours = L.pack_args([ty], [val])
-    res["scalars"].append({"type": tyname, "numba": norm(numba_args), "ours": norm(ours),
-                           "ours_size": [ctypes.sizeof(v) if not isinstance(v, bool) else 1 for v in ours],
-                           "model": model_fields(ty)})
+    fields = model_fields(ty)
+    sizes = [f[1] for f in fields]
+    res["scalars"].append({"type": tyname, "expr": expr, "model": fields,
+                           "numba_size": [width(v) for v in numba_args], "ours_size": [width(v) for v in ours],
+                           "numba_bytes": param_bytes(numba_args, sizes), "ours_bytes": param_bytes(ours, sizes)})
 print("ORACLE" + json.dumps(res))
 '''
 
@@ -174,8 +191,10 @@ def test_array_packing_equals_numba(oracle, idx):
     got = oracle["arrays"][idx]
     shape, strides, dtype = ARRAY_CASES[idx]
     ndim = len(shape)
-    # the packer's parameter list is the one numba-cuda's _prepare_args builds (same DeviceNDArray)
+    # the packer's parameter list is the one numba-cuda's _prepare_args builds (same DeviceNDArray),
+    # down to the bytes cuda.core hands the driver
     assert got["ours"] == got["numba"], got["type"]
+    assert got["ours_bytes"] == got["numba_bytes"], got["type"]
     # ... and it is the flattening of Numba's ArrayModel, name by name, 8 bytes each
     assert [f[0] for f in got["model"]] == L.array_field_names(ndim)
     assert all(kind == "intptr" for kind, _ in got["ours"])
@@ -195,9 +214,12 @@ def test_numba_layout_agrees_with_ours(oracle):
 
 
 def test_scalar_packing_equals_numba(oracle):
+    """Scalars: same width as Numba's data model and the same bytes as Numba's ctypes values
+    (ours are NumPy scalars: cuda.core packs those much faster)."""
     for got in oracle["scalars"]:
-        assert got["ours"] == got["numba"], got["type"]
-        assert got["ours_size"] == [f[1] for f in got["model"]], got["type"]
+        sizes = [f[1] for f in got["model"]]
+        assert got["numba_size"] == sizes and got["ours_size"] == sizes, got
+        assert got["ours_bytes"] == got["numba_bytes"], got
 
 
 def test_installed_numba_cuda_has_what_the_fast_path_needs(oracle):

@@ -16,6 +16,8 @@ call on an H200 (4-14 arguments; benchmarks/NOTES_attention.md). What it does ea
 compiled ``_Kernel`` and one scalar converter per argument. Later calls describe each
 argument with a few attribute reads (pointer, shape, strides, dtype), look the plan up, pack
 the fields and call the same ``cuda.core.launch`` with a cached ``LaunchConfig`` and stream.
+Scalars go as NumPy scalars of the parameter's type rather than ctypes values: the same bytes,
+but cuda.core packs them ~0.6 us faster each.
 Same kernel, same argument bytes, same stream: only Python bookkeeping is skipped.
 
 An array argument of Numba's data model (``numba.core.datamodel`` ``ArrayModel``, members
@@ -48,7 +50,6 @@ default (1) with a stream-0 launch. Otherwise the dispatcher call does Numba's h
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import warnings
 
@@ -296,15 +297,14 @@ def flat(x):
 
 
 def _scalar_converter(ty):
-    """Value -> what ``_prepare_args`` passes for a scalar of Numba type ``ty``, or None."""
-    if isinstance(ty, types.Boolean):
-        return lambda v: v
-    if isinstance(ty, types.Integer):
-        return getattr(ctypes, f"c_{ty}")
-    if ty == types.float32:
-        return ctypes.c_float
-    if ty == types.float64:
-        return ctypes.c_double
+    """The NumPy scalar type that carries a scalar parameter of Numba type ``ty``, or None.
+
+    Numba's ``_prepare_args`` passes ctypes values (``c_int64(v)``, ``c_float(v)``, bool as is);
+    cuda.core's argument packer writes a NumPy scalar with the same bytes (its dtype's width) but
+    takes ~8 us less per 14 arguments than it takes for ctypes values. The tests compare the
+    packed bytes of both."""
+    if isinstance(ty, (types.Boolean, types.Integer)) or ty in (types.float32, types.float64):
+        return np.dtype(str(ty)).type
     return None
 
 
@@ -354,7 +354,7 @@ def pack_args(argtypes, args, launch_stream=0):
             raise TypeError(f"argument {i}: expected a {ty} scalar, got {type(a).__name__}")
         if isinstance(ty, types.Integer) and not isinstance(a, (bool, int, np.bool_, np.integer)):
             raise TypeError(f"argument {i}: expected a {ty} scalar, got {a!r} ({type(a).__name__})")
-        out.append(conv(a))
+        out.append(a if type(a) is conv else conv(a))
     return out
 
 
@@ -399,7 +399,7 @@ class _Plan:
     def __init__(self, dispatcher, kernel, converters):
         self.dispatcher = dispatcher      # keeps id(dispatcher) in the key unique
         self.kernel = kernel              # numba's _Kernel: its code library gives the CUfunction
-        self.converters = converters      # per argument: None (array) or scalar converter
+        self.converters = converters      # per argument: None (array, or a scalar passed as is) or a NumPy type
         self.verified = False
 
 
@@ -440,7 +440,7 @@ def _build_plan(dispatcher, args, descs, launch_stream):
             conv = _scalar_converter(ty)
             if conv is None or fields is not None:
                 return _UnsupportedPlan(dispatcher, f"argument {i} of type {ty}")
-            converters.append(conv)
+            converters.append(None if type(args[i]) is conv else conv)   # the key fixes type(args[i])
     try:
         pack_args(argtypes, args, launch_stream)  # one full check of the packer on real arguments
     except (TypeError, ValueError) as e:
@@ -467,8 +467,10 @@ def _fast_launch(plan, descs, args, griddim, blockdim, stream, sharedmem):
     it = _internals
     kargs = []
     for conv, a, (_, fields) in zip(plan.converters, args, descs):
-        if conv is None:
+        if fields is not None:
             kargs += fields
+        elif conv is None:
+            kargs.append(a)
         else:
             kargs.append(conv(a))
     if not stream:
@@ -496,7 +498,11 @@ def launch(kernel, griddim, blockdim, *args, stream=0, sharedmem=0):
     if not _fast_enabled():
         return _dispatch(kernel, griddim, blockdim, args, stream, sharedmem)
     try:
-        descs = [_describe(a, stream) for a in args]
+        descs = []
+        known = _DESCRIBERS.get                      # inlined first step of _describe: the common case
+        for a in args:
+            f = known(type(a))
+            descs.append(f(a, stream) if f is not None else _describe(a, stream))
     except _Unsupported:
         return _dispatch(kernel, griddim, blockdim, args, stream, sharedmem)
     key = (id(kernel), tuple(d[0] for d in descs))
