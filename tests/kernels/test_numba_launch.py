@@ -386,6 +386,21 @@ def test_launch_never_fast_for_unsupported_arguments(stand_in_driver):
     assert len(disp.calls) == 6 and len(launches) == 1
 
 
+def test_dispatcher_path_gets_the_numba_view_of_a_flatview(stand_in_driver):
+    """The dispatcher (first call of a plan, fallbacks) sees what Numba code always passed:
+    ``owner.reshape(size)``, not the FlatView."""
+    class NumbaLikeOwner:
+        __cuda_memory__ = True
+
+        def reshape(self, n):
+            return FakeCAI(0x1000, (n,), None, np.float32)
+    disp = _StandInDispatcher()
+    L.launch(disp, 3, 32, L.FlatView(NumbaLikeOwner(), 0x1000, 12, np.float32), np.int64(12), sharedmem=64)
+    (config, args), = disp.calls
+    assert config == (3, 32, 0, 64)
+    assert isinstance(args[0], FakeCAI) and args[0].shape == (12,)
+
+
 def test_mode_zero_always_uses_the_dispatcher(stand_in_driver, monkeypatch):
     launches = stand_in_driver
     monkeypatch.setattr(L, "_mode", "0")

@@ -251,8 +251,8 @@ _DESCRIBERS: dict = {bool: _scalar, int: _scalar, float: _scalar}
 class FlatView:
     """A flat (1-D, C-contiguous) view of a C-contiguous device array, without the cost of a
     Numba ``DeviceNDArray.reshape`` (~10 us). Holds the array it views (``owner``) so the
-    memory lives as long as the view; exposes ``__cuda_array_interface__`` so a dispatcher
-    call (the fallback) takes it too."""
+    memory lives as long as the view. The dispatcher path (first call of a plan, fallbacks)
+    gets :meth:`as_device_array`; ``__cuda_array_interface__`` serves any other consumer."""
 
     __slots__ = ("owner", "ptr", "size", "dtype", "_key", "_fields")
 
@@ -267,6 +267,13 @@ class FlatView:
     @property
     def shape(self):
         return (self.size,)
+
+    def as_device_array(self):
+        """This view as a Numba ``DeviceNDArray`` (``owner.reshape(size)``, what Numba code passed
+        before): what the dispatcher path and verify mode get, so they run as they always did."""
+        if getattr(self.owner, "__cuda_memory__", False):
+            return self.owner.reshape(self.size)
+        return self          # not a Numba array: Numba takes the view through __cuda_array_interface__
 
     @property
     def __cuda_array_interface__(self):
@@ -411,14 +418,15 @@ class _UnsupportedPlan:
         self.reason = reason
 
 
-def _build_plan(dispatcher, args, descs, launch_stream):
-    """After a dispatcher call with these args: the compiled overload and how to pack for it."""
+def _build_plan(dispatcher, args, seen, descs, launch_stream):
+    """After a dispatcher call (which saw ``seen``, i.e. ``args`` with FlatViews as Numba views):
+    the overload it compiled for them and how to pack ``args``-like arguments for it."""
     it = _check_numba_internals()
     if it is None:
         return _UnsupportedPlan(dispatcher, "numba-cuda internals not as expected")
     if getattr(dispatcher, "_launch_config_sensitive", False):
         return _UnsupportedPlan(dispatcher, "launch-config sensitive kernel")
-    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
+    argtypes = tuple(dispatcher.typeof_pyval(a) for a in seen)
     kernel = dispatcher.overloads.get(argtypes)
     if not isinstance(kernel, it["Kernel"]):
         return _UnsupportedPlan(dispatcher, f"no overload compiled for exactly {argtypes}")
@@ -484,8 +492,12 @@ def _fast_launch(plan, descs, args, griddim, blockdim, stream, sharedmem):
 
 
 def _dispatch(kernel, griddim, blockdim, args, stream, sharedmem):
+    """Numba's own call; FlatViews become the DeviceNDArray views Numba code always passed.
+    Returns the arguments the dispatcher saw."""
     _STATS["dispatcher"] += 1
+    args = [a.as_device_array() if type(a) is FlatView else a for a in args]
     kernel[griddim, blockdim, stream, sharedmem](*args)
+    return args
 
 
 def launch(kernel, griddim, blockdim, *args, stream=0, sharedmem=0):
@@ -508,8 +520,8 @@ def launch(kernel, griddim, blockdim, *args, stream=0, sharedmem=0):
     key = (id(kernel), tuple(d[0] for d in descs))
     plan = _PLANS.get(key)
     if plan is None or plan.dispatcher is not kernel:
-        _dispatch(kernel, griddim, blockdim, args, stream, sharedmem)
-        _PLANS[key] = _build_plan(kernel, args, descs, stream)
+        seen = _dispatch(kernel, griddim, blockdim, args, stream, sharedmem)
+        _PLANS[key] = _build_plan(kernel, args, seen, descs, stream)
         return None
     if type(plan) is _UnsupportedPlan:
         return _dispatch(kernel, griddim, blockdim, args, stream, sharedmem)
@@ -532,28 +544,29 @@ def _verify(plan, griddim, blockdim, args, descs, stream, sharedmem):
                       RuntimeWarning)
         return
     cuda.synchronize()
-    hosts = {}                                   # data pointer -> host copy (aliases share one copy)
-    for a, (_, fields) in zip(args, descs):
-        if fields is not None and fields[4] not in hosts:
-            dev = a if getattr(a, "__cuda_memory__", False) else cuda.as_cuda_array(a)
-            hosts[fields[4]] = dev.copy_to_host()
+    hosts = {}                          # (nitems, itemsize, pointer, shape, strides) -> host copy
+    for a, (_, fields) in zip(args, descs):        # the same view passed twice shares one copy
+        if fields is not None and tuple(fields[2:]) not in hosts:
+            dev = a.as_device_array() if type(a) is FlatView else a
+            if not getattr(dev, "__cuda_memory__", False):
+                dev = cuda.as_cuda_array(dev)
+            hosts[tuple(fields[2:])] = dev.copy_to_host()
     scratch = []
     for _ in range(2):
-        copies = {p: cuda.to_device(h) for p, h in hosts.items()}
-        scratch.append((copies, [copies[f[4]] if f is not None else a for a, (_, f) in zip(args, descs)]))
+        copies = {v: cuda.to_device(h) for v, h in hosts.items()}
+        scratch.append((copies, [copies[tuple(f[2:])] if f is not None else a for a, (_, f) in zip(args, descs)]))
     (ref_copies, ref_args), (got_copies, got_args) = scratch
     plan.dispatcher[griddim, blockdim, stream, sharedmem](*ref_args)
     got_descs = [(key, _describe(g, stream)[1] if f is not None else None)
                  for g, (key, f) in zip(got_args, descs)]
     _fast_launch(plan, got_descs, got_args, griddim, blockdim, stream, sharedmem)
     cuda.synchronize()
-    for i, (a, (_, f)) in enumerate(zip(args, descs)):
+    for i, (_, f) in enumerate(descs):
         if f is None:
             continue
-        ref = ref_copies[f[4]].copy_to_host()
-        got = got_copies[f[4]].copy_to_host()
-        same = np.array_equal(ref, got, equal_nan=ref.dtype.kind in "fc")
-        if not same:
+        ref = ref_copies[tuple(f[2:])].copy_to_host()
+        got = got_copies[tuple(f[2:])].copy_to_host()
+        if not np.array_equal(ref, got, equal_nan=ref.dtype.kind in "fc"):
             raise RuntimeError(f"fast launch of {plan.dispatcher.__name__} differs from the dispatcher's in "
                                f"argument {i} (dtype {ref.dtype}, shape {ref.shape}); run with "
                                "SPARX_REF_NUMBA_FAST_LAUNCH=0 and report")
