@@ -4,7 +4,8 @@ Float32, SparX-Mamba-T shapes at batch 64, side by side in one run on one card:
 
 - selective scan, (channels x length) 4*192 x 3136, 4*384 x 784, 4*640 x 196, 4*1024 x 49,
   d_state 1, grouped B/C (K = 4), softplus, D and delta_bias: forward (every version) and
-  forward+backward (default versions);
+  forward+backward for every forward version paired with the backward of the same name (the
+  backend's default backward where that name has none);
 - cross_scan and cross_merge (every version) at x = (64, 192, 56, 56);
 - ss2d_scan forward (and forward+backward): fused vs composed (cross_scan + scan + cross_merge
   with our own kernels) at x = (64, 192, 56, 56);
@@ -20,6 +21,11 @@ cross-merge the reverse; ss2d fwd reads x (b*Di*L), delta, B, C and writes y (b*
 reads x, dy, delta, B, C and writes dx, ddelta, dB, dC.
 
     NUMBA_ENABLE_CUDASIM=0 python benchmarks/bench_scan.py [--json out.json] [--only scan,cross,ss2d,cpu]
+        [--versions vec,warp] [--shapes 3136,784] [--backends cupy] [--no-torch]
+
+``--versions``/``--shapes``/``--backends``/``--no-torch`` restrict the scan section (a short GPU call
+comparing two rungs); the acceptance lines then judge only what ran. This script prints and
+writes JSON; it does not edit RESULTS.md (its scan block is written from a full run's output).
 """
 from __future__ import annotations
 
@@ -103,11 +109,6 @@ def _fns(op, backend):
     return {e.version: kernels.get(op, backend, e.version) for e in kernels.entries(op, backend)}
 
 
-def _default(op, backend):
-    from sparx_ref import kernels
-    return kernels.get(op, backend)
-
-
 def native(backend, t):
     """A zero-copy view of a torch CUDA tensor as the backend's own array type (CuPy array or
     Numba device array), made once outside the timed region: the timings then hold the
@@ -143,56 +144,92 @@ def scan_bytes(b, KD, L, K=K_GROUPS, N=NSTATE):
 # ---------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------
-def bench_scan(bw, rows, results, backends, quick):
+def _scan_pairs(backend, versions=None, quick=False):
+    """[(fwd version, fwd fn, bwd version, bwd fn)]: every forward version (restricted to
+    `versions` if given; no naive when quick) with the backward of the same name, else the
+    backend's default backward."""
+    from sparx_ref import kernels
+    bwds = _fns("selective_scan_bwd", backend)
+    bwd_default = next(e.version for e in kernels.entries("selective_scan_bwd", backend) if e.default)
+    out = []
+    for version, fn in _fns("selective_scan_fwd", backend).items():
+        if (versions and version not in versions) or (quick and version == "naive"):
+            continue
+        bv = version if version in bwds else bwd_default
+        out.append((version, fn, bv, bwds[bv]))
+    return out
+
+
+def _is_default(op, backend, version):
+    from sparx_ref import kernels
+    return any(e.default for e in kernels.entries(op, backend) if e.version == version)
+
+
+def bench_scan(bw, rows, results, backends, quick, versions=None, shapes=None, torch_baseline=True):
     import torch
-    for (b, KD, L) in (SCAN_SHAPES[:1] + SCAN_SHAPES[-1:] if quick else SCAN_SHAPES):
+    todo = SCAN_SHAPES[:1] + SCAN_SHAPES[-1:] if quick else SCAN_SHAPES
+    if shapes:
+        todo = [s for s in SCAN_SHAPES if s[2] in shapes]
         x = scan_inputs(b, KD, L)
         args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"])
         fwd_bytes, bwd_bytes = scan_bytes(b, KD, L)
         fl_fwd, fl_fb = fwd_bytes / bw * 1e3, (fwd_bytes + bwd_bytes) / bw * 1e3   # ms
         shape = f"{b}x{KD}x{L}"
-        with torch.no_grad():
-            t_torch = _time(lambda: torch_scan(*args), budget_ms=300, max_reps=5)
-            y_torch = torch_scan(*args)
-        leaves = [a.clone().requires_grad_(True) for a in args]
         dy = torch.randn_like(x["u"])
+        nan = float("nan")
+        t_torch = t_torch_fb = y_torch = None
+        if torch_baseline:
+            with torch.no_grad():
+                t_torch = _time(lambda: torch_scan(*args), budget_ms=300, max_reps=5)
+                y_torch = torch_scan(*args)
+            leaves = [a.clone().requires_grad_(True) for a in args]
 
-        def torch_fb():
-            for v in leaves:
-                v.grad = None
-            torch_scan(*leaves).backward(dy)
-        t_torch_fb = _time(torch_fb, budget_ms=300, max_reps=3)
-        results.append(dict(section="scan", shape=shape, impl="torch loop", fwd_ms=t_torch, fb_ms=t_torch_fb))
-        rows.append([f"scan fwd {shape}", "torch loop", t_torch, fl_fwd, fl_fwd / t_torch, 1.0])
-        rows.append([f"scan fwd+bwd {shape}", "torch loop", t_torch_fb, fl_fb, fl_fb / t_torch_fb, 1.0])
-        outs = {}
+            def torch_fb():
+                for v in leaves:
+                    v.grad = None
+                torch_scan(*leaves).backward(dy)
+            t_torch_fb = _time(torch_fb, budget_ms=300, max_reps=3)
+            del leaves
+            results.append(dict(section="scan", shape=shape, impl="torch loop", fwd_ms=t_torch, fb_ms=t_torch_fb))
+            rows.append([f"scan fwd {shape}", "torch loop", t_torch, fl_fwd, fl_fwd / t_torch, 1.0])
+            rows.append([f"scan fwd+bwd {shape}", "torch loop", t_torch_fb, fl_fb, fl_fb / t_torch_fb, 1.0])
+        outs, grads = {}, {}
         for backend in backends:
             nargs = [native(backend, a) for a in args]
             ndy = native(backend, dy)
-            for version, fn in _fns("selective_scan_fwd", backend).items():
-                if version == "naive" and quick:
-                    continue
+            for version, fn, bversion, bfn in _scan_pairs(backend, versions, quick):
                 t = _time(lambda fn=fn: fn(*nargs, delta_softplus=True))
                 y, _ = fn(*nargs, delta_softplus=True)
                 outs[(backend, version)] = y
-                err = _rel(y, y_torch)
+                err = _rel(y, y_torch) if y_torch is not None else nan
+                vs = t_torch / t if t_torch else nan
                 results.append(dict(section="scan", shape=shape, impl=f"{backend}/{version}", fwd_ms=t,
-                                    floor_ms=fl_fwd, frac=fl_fwd / t, vs_torch=t_torch / t, err_vs_torch=err))
-                rows.append([f"scan fwd {shape}", f"{backend}/{version}", t, fl_fwd, fl_fwd / t, t_torch / t])
-            fwd, bwd = _default("selective_scan_fwd", backend), _default("selective_scan_bwd", backend)
+                                    floor_ms=fl_fwd, frac=fl_fwd / t, vs_torch=vs, err_vs_torch=err,
+                                    default=_is_default("selective_scan_fwd", backend, version)))
+                rows.append([f"scan fwd {shape}", f"{backend}/{version}", t, fl_fwd, fl_fwd / t, vs])
 
-            def fb(fwd=fwd, bwd=bwd, nargs=nargs, ndy=ndy):
-                _, cache = fwd(*nargs, delta_softplus=True)
-                return bwd(ndy, cache)
-            t = _time(fb)
-            results.append(dict(section="scan", shape=shape, impl=f"{backend}/default fwd+bwd", fb_ms=t,
-                                floor_ms=fl_fb, frac=fl_fb / t, vs_torch=t_torch_fb / t))
-            rows.append([f"scan fwd+bwd {shape}", f"{backend}/default", t, fl_fb, fl_fb / t, t_torch_fb / t])
+                def fb(fwd=fn, bwd=bfn, nargs=nargs, ndy=ndy):
+                    _, cache = fwd(*nargs, delta_softplus=True)
+                    return bwd(ndy, cache)
+                t = _time(fb)
+                grads[(backend, version, bversion)] = fb()
+                vs = t_torch_fb / t if t_torch_fb else nan
+                pair = version if bversion == version else f"{version}+bwd {bversion}"
+                results.append(dict(section="scan", shape=shape, impl=f"{backend}/{pair} fwd+bwd", fb_ms=t,
+                                    floor_ms=fl_fb, frac=fl_fb / t, vs_torch=vs, bwd_version=bversion,
+                                    default=_is_default("selective_scan_fwd", backend, version)
+                                    and _is_default("selective_scan_bwd", backend, bversion)))
+                rows.append([f"scan fwd+bwd {shape}", f"{backend}/{pair}", t, fl_fb, fl_fb / t, vs])
         keys = list(outs)
         for k in keys[1:]:
             results.append(dict(section="check", shape=shape, a=str(keys[0]), b=str(k),
                                 rel_err=_rel(outs[k], outs[keys[0]])))
-        del x, args, leaves, outs, y_torch, nargs, ndy
+        gkeys = list(grads)
+        for k in gkeys[1:]:    # every gradient of every pair against the first pair's
+            results.append(dict(section="check", shape=shape, a=str(gkeys[0]), b=str(k), rel_err=max(
+                _rel(grads[k][name], grads[gkeys[0]][name]) for name in ("u", "delta", "A", "B", "C", "D",
+                                                                          "delta_bias"))))
+        del x, args, outs, grads, y_torch, nargs, ndy
         torch.cuda.empty_cache()
 
 
@@ -327,8 +364,13 @@ def acceptance(results):
     for (b, KD, L) in SCAN_SHAPES:
         shape = f"{b}x{KD}x{L}"
         rows = [r for r in scan if r["shape"] == shape]
-        fwd = {r["impl"].split("/")[0]: r for r in rows if r["impl"].endswith("/warp")}
-        fb = {r["impl"].split("/")[0]: r for r in rows if r["impl"].endswith("default fwd+bwd")}
+        fwd = {r["impl"].split("/")[0]: r for r in rows if r.get("default") and "fwd_ms" in r}
+        fb = {r["impl"].split("/")[0]: r for r in rows if r.get("default") and "fb_ms" in r}
+        for kind, key in (("fwd", "fwd_ms"), ("fwd+bwd", "fb_ms")):   # the best rung of each backend
+            for backend in sorted({r["impl"].split("/")[0] for r in rows if key in r} - {"torch loop"}):
+                best = max((r for r in rows if key in r and r["impl"].startswith(backend + "/")),
+                           key=lambda r: r["frac"])
+                out.append(f"INFO scan {kind} {shape}: best {best['impl']} {best['frac']:.0%} of floor")
         if fwd:
             judge(f"scan fwd {shape}", fwd, 0.3 if L == 49 else 0.5)
         if fb:
@@ -366,7 +408,15 @@ def main(argv=None):
     ap.add_argument("--only", default="scan,cross,ss2d,cpu", help="comma list of sections")
     ap.add_argument("--quick", action="store_true", help="two scan shapes, no naive versions")
     ap.add_argument("--cpu-threads", type=int, default=2)
+    ap.add_argument("--versions", help="scan section: only these selective_scan_fwd versions, e.g. vec,warp "
+                                       "(each timed fwd and fwd+bwd with the backward of the same name)")
+    ap.add_argument("--shapes", help="scan section: only the shapes with these L, e.g. 3136,49")
+    ap.add_argument("--backends", help="GPU backends to run, e.g. cupy (default: every available one)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the pure-torch baselines of the scan "
+                                                            "section (tens of seconds at L = 3136)")
     args = ap.parse_args(argv)
+    versions = set(args.versions.split(",")) if args.versions else None
+    shapes = {int(v) for v in args.shapes.split(",")} if args.shapes else None
     only = set(args.only.split(","))
     rows, results = _Rows(), []
     print(common.fmt_table(HEADER, []), flush=True)
@@ -379,7 +429,8 @@ def main(argv=None):
             gpu_sections = set()
     if gpu_sections:
         from sparx_ref import kernels
-        backends = [b for b in GPU_BACKENDS if kernels.available(b)]
+        backends = [b for b in GPU_BACKENDS if kernels.available(b)
+                    and (not args.backends or b in args.backends.split(","))]
         if "cupy" in backends:
             common.use_cupy_pool_for_numba()
         bw = common.copy_bandwidth_gbs() * 1e9
@@ -388,7 +439,10 @@ def main(argv=None):
               f"fp32 matmul (no TF32) {meta['fp32_tflops']:.1f} TFLOP/s", flush=True)
         for name, fn in (("scan", bench_scan), ("cross", bench_cross), ("ss2d", bench_ss2d)):
             if name in gpu_sections:
-                fn(bw, rows, results, backends, args.quick)
+                if name == "scan":
+                    bench_scan(bw, rows, results, backends, args.quick, versions, shapes, not args.no_torch)
+                else:
+                    fn(bw, rows, results, backends, args.quick)
                 if args.json:        # after every section: a run cut short keeps its numbers
                     Path(args.json).write_text(json.dumps(dict(meta=meta, results=results, rows=rows), indent=1))
     if "cpu" in only:

@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck  --error-exitcode 1 python benchmarks/sanitize_scan.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitize_scan.py
 
-Every version of both GPU backends runs forward and backward on shapes that exercise the
+Every version of both GPU backends runs forward and (every backward version) backward on shapes that exercise the
 edges (L not a multiple of 32 or of a round, several rounds, channel blocks with idle warps,
 N = 2, an odd non-square map with partial 32x32 tiles, a 1x1 map), and each result is checked
 against the float64 reference op, so the exit status is 1 on a wrong answer as well as on a
@@ -56,8 +56,9 @@ def main():
     f64 = lambda xs: [None if a is None else a.astype(np.float64) for a in xs]   # noqa: E731
     n_checked = 0
     for backend in backends:
-        # plain scan: Dg = 10 (two channel blocks of 8 warps, idle warps), L = 300 (3 rounds of 128)
-        for (b, K, Dg, N, L) in ((2, 2, 10, 2, 300), (1, 1, 3, 1, 1)):
+        # plain scan: Dg = 10 (two channel blocks of 8 warps, idle warps), L = 300 (3 rounds of 128,
+        # float4 loads in "vec"), L = 1; for "vec": L = 40 (two rows per warp), L = 70 (scalar loads)
+        for (b, K, Dg, N, L) in ((2, 2, 10, 2, 300), (1, 1, 3, 1, 1), (1, 2, 5, 1, 40), (1, 1, 3, 1, 70)):
             args = scan_args(b, K * Dg, L, K, N)
             y_ref, c_ref = R.selective_scan_fwd(*f64(args), delta_softplus=True)
             dy = rng.standard_normal(y_ref.shape).astype(f32)
@@ -68,10 +69,11 @@ def main():
                     y, cache = fn(*[dev(backend, a) for a in args], delta_softplus=True)
                 assert_close(y, y_ref, f32, "kernel", f"{backend}/{version} scan fwd")
                 n_checked += 1
-            with poison_outputs():
-                g = kernels.get("selective_scan_bwd", backend)(dev(backend, dy), cache)
-            assert_all_close(g, g_ref, f32, "kernel", prefix=f"{backend} scan bwd ")
-            n_checked += 1
+            for version in kernels.versions("selective_scan_bwd", backend):
+                with poison_outputs():
+                    g = kernels.get("selective_scan_bwd", backend, version)(dev(backend, dy), cache)
+                assert_all_close(g, g_ref, f32, "kernel", prefix=f"{backend}/{version} scan bwd ")
+                n_checked += 1
         # maps: 37 x 45 (partial tiles, odd pitch), 1 x 1
         for (b, Di, H, W, N) in ((1, 3, 37, 45, 1), (2, 2, 1, 1, 2)):
             L = H * W

@@ -583,8 +583,11 @@ VEC_CASES = [
     dict(batch=1, K=1, Dg=5, N=1, L=13, regime="normal", has_D=False, has_bias=True, seed=24),
     # L = 1
     dict(batch=2, K=2, Dg=1, N=1, L=1, regime="wide", has_D=False, has_bias=False, seed=25),
+    # two rounds (the carry and the software-pipelined loads), cheap enough for the simulator
+    dict(batch=1, K=1, Dg=2, N=2, L=136, regime="normal", has_D=True, has_bias=True, seed=27),
 ]
-VEC_IDS = ["float4-3rounds-N2", "scalar-L70", "seg16-L40", "seg8-L13", "L1"]
+VEC_IDS = ["float4-3rounds-N2", "scalar-L70", "seg16-L40", "seg8-L13", "L1", "2rounds-N2"]
+VEC_SIM_CASES = (2, 3, 4, 5)   # the simulator runs Python threads: not the 300- and 70-step cases
 
 
 def _misaligned(a):
@@ -631,3 +634,48 @@ def test_cupy_vec_misaligned_views_take_the_scalar_path(fake_cupy):
     assert fake_cupy.vec_loads_ok(136, 4, np.zeros(136, F32))
     _vec_check(fake_cupy.selective_scan_fwd_vec, fake_cupy.selective_scan_bwd_vec, case, lambda a: a,
                misalign=True)
+
+
+def _gpu_vec_rows():
+    out = []
+    for backend in ("numba_cuda", "cupy"):
+        for i, (case, cid) in enumerate(zip(VEC_CASES, VEC_IDS)):
+            marks = ()
+            out.append(pytest.param(backend, i, case, id=f"{backend}-{cid}", marks=marks))
+    return out
+
+
+def _misaligned_on(backend, a):
+    """a on the backend's device, its data starting 4 bytes past the allocation (misaligned for
+    16-byte loads)."""
+    padded = np.concatenate([np.zeros(1, a.dtype), a.ravel()])
+    if backend == "numba_cuda":
+        from numba import cuda
+        d = cuda.to_device(padded)
+    else:
+        import cupy
+        d = cupy.asarray(padded)
+    return d[1:].reshape(a.shape)
+
+
+@pytest.mark.parametrize("backend,index,case", _gpu_vec_rows())
+def test_vec_variants_on_the_gpu_backends(backend, index, case):
+    """The "vec" kernels of the GPU backends in each compile-time variant (SEG 32/16/8, vector
+    and scalar loads, one and several rounds, L = 1); on the simulator the cheap cases only."""
+    _skip_if_missing(backend)
+    if on_simulator(backend) and index not in VEC_SIM_CASES:
+        pytest.skip("too slow for the simulator (the CPU emulation of the CUDA C runs it)")
+    _vec_check(kernels.get("selective_scan_fwd", backend, "vec"), kernels.get("selective_scan_bwd", backend, "vec"),
+               case, lambda a: to_backend(backend, a))
+
+
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_vec_misaligned_views_on_the_gpu_backends(backend):
+    """Device views 4 bytes off the allocation: the host must take the scalar-load variant."""
+    _skip_if_missing(backend)
+    mod = __import__(f"sparx_ref.kernels.{backend}.scan", fromlist=["vec_loads_ok"])
+    probe = _misaligned_on(backend, np.zeros(8, F32))
+    assert not mod.vec_loads_ok(8, 4, probe)
+    case = dict(batch=1, K=1, Dg=2, N=1, L=40, regime="normal", has_D=True, has_bias=True, seed=28)
+    _vec_check(kernels.get("selective_scan_fwd", backend, "vec"), kernels.get("selective_scan_bwd", backend, "vec"),
+               case, lambda a: None if a is None else _misaligned_on(backend, a))

@@ -978,7 +978,15 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
             partD[row] = dD_acc
             partbias[row] = dbias_acc
 
-    ns = {"scan_fwd_vec": cuda.jit(scan_fwd_vec), "scan_bwd_vec": cuda.jit(scan_bwd_vec),
+    # Launch bounds (N = 1): Numba's int64 indexing costs registers (88 fwd / 136 bwd unbounded,
+    # CUDA C: 70 / 96). Capped at 80 / 128 (3 / 2 blocks of 256 threads per SM) ptxas spills
+    # nothing (frame size 0, checked by linking the PTX with nvJitLink for sm_90).
+    def jit(fn, min_blocks):
+        if SIMULATOR:
+            return cuda.jit(fn)
+        return cuda.jit(launch_bounds=(32 * VEC_WARPS, min_blocks) if NSTATE == 1 else 32 * VEC_WARPS)(fn)
+
+    ns = {"scan_fwd_vec": jit(scan_fwd_vec, 3), "scan_bwd_vec": jit(scan_bwd_vec, 2),
           "py": {"scan_fwd_vec": scan_fwd_vec, "scan_bwd_vec": scan_bwd_vec}}
     _VEC_BUILT[key] = ns
     return ns
