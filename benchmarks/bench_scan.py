@@ -170,6 +170,7 @@ def bench_scan(bw, rows, results, backends, quick, versions=None, shapes=None, t
     todo = SCAN_SHAPES[:1] + SCAN_SHAPES[-1:] if quick else SCAN_SHAPES
     if shapes:
         todo = [s for s in SCAN_SHAPES if s[2] in shapes]
+    for (b, KD, L) in todo:
         x = scan_inputs(b, KD, L)
         args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"])
         fwd_bytes, bwd_bytes = scan_bytes(b, KD, L)

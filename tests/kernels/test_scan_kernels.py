@@ -637,12 +637,8 @@ def test_cupy_vec_misaligned_views_take_the_scalar_path(fake_cupy):
 
 
 def _gpu_vec_rows():
-    out = []
-    for backend in ("numba_cuda", "cupy"):
-        for i, (case, cid) in enumerate(zip(VEC_CASES, VEC_IDS)):
-            marks = ()
-            out.append(pytest.param(backend, i, case, id=f"{backend}-{cid}", marks=marks))
-    return out
+    return [pytest.param(backend, i, case, id=f"{backend}-{cid}")
+            for backend in ("numba_cuda", "cupy") for i, (case, cid) in enumerate(zip(VEC_CASES, VEC_IDS))]
 
 
 def _misaligned_on(backend, a):

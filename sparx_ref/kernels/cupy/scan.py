@@ -1071,6 +1071,18 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
     return y, scan_cache(u, delta, A, B, C, D, delta_bias, delta_softplus, (batch, KD, L, K, N))
 
 
+def _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, shape, nblk, D, bias):
+    """The backward's gradient dict: du, ddelta as written; dA, dD, ddelta_bias summed over the
+    batch and dB, dC over the nblk channel blocks of each group (sum_middle, fixed order)."""
+    batch, KD, L, K, N = shape
+    return {"u": du, "delta": ddelta,
+            "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
+            "B": _sum_middle(partB, batch * K, nblk, N * L).reshape(batch, K, N, L),
+            "C": _sum_middle(partC, batch * K, nblk, N * L).reshape(batch, K, N, L),
+            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
+            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}
+
+
 def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """Ladder rung "naive": one thread per (batch, channel) row (uncoalesced loads)."""
     return _scan_fwd("naive", u, delta, A, B, C, D, delta_bias, delta_softplus)
@@ -1108,12 +1120,7 @@ def selective_scan_bwd(dy, cache):
        _or_zeros(D, KD), _or_zeros(bias, KD), _dev(dy), hstart, du, ddelta, partB, partC, partA, partD,
        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"]))),
       shared_mem=shared)
-    return {"u": du, "delta": ddelta,
-            "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
-            "B": _sum_middle(partB, batch * K, nblk, N * L).reshape(batch, K, N, L),
-            "C": _sum_middle(partC, batch * K, nblk, N * L).reshape(batch, K, N, L),
-            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
-            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}
+    return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache["shape"], nblk, D, bias)
 
 
 def selective_scan_bwd_vec(dy, cache):
@@ -1141,12 +1148,7 @@ def selective_scan_bwd_vec(dy, cache):
       (*ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"]))),
       shared_mem=shared)
-    return {"u": du, "delta": ddelta,
-            "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
-            "B": _sum_middle(partB, batch * K, nblk, N * L).reshape(batch, K, N, L),
-            "C": _sum_middle(partC, batch * K, nblk, N * L).reshape(batch, K, N, L),
-            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
-            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}
+    return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache["shape"], nblk, D, bias)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1230,6 +1230,20 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
             scan_cache(u, delta, A, B, C, D, delta_bias, delta_softplus, (batch, KD, L, K, N)))
 
 
+def _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk):
+    """The backward's gradient dict: du, ddelta as written; dA, dD, ddelta_bias summed over the
+    batch and dB, dC over the nblk channel blocks of each group (sum_middle, fixed order)."""
+    batch, KD, L, K, N = cache["shape"]
+    D, bias = cache["D"], cache["delta_bias"]
+    like = cache["u"]
+    return {"u": _wrap(du, (batch, KD, L), like), "delta": _wrap(ddelta, (batch, KD, L), like),
+            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
+            "B": _wrap(_sum(partB, batch * K, nblk, N * L), (batch, K, N, L), like),
+            "C": _wrap(_sum(partC, batch * K, nblk, N * L), (batch, K, N, L), like),
+            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
+            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
+
+
 def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """Ladder rung "naive": one thread per (batch, channel) row (uncoalesced loads)."""
     return _scan_fwd("naive", u, delta, A, B, C, D, delta_bias, delta_softplus)
@@ -1272,13 +1286,7 @@ def selective_scan_bwd_vec(dy, cache):
     _build_vec(N, seg, items, vec)["scan_bwd_vec"][(nblk, K, batch), 32 * warps, 0, shared](
         *ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
         partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])))
-    like = cache["u"]
-    return {"u": _wrap(du, (batch, KD, L), like), "delta": _wrap(ddelta, (batch, KD, L), like),
-            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
-            "B": _wrap(_sum(partB, batch * K, nblk, N * L), (batch, K, N, L), like),
-            "C": _wrap(_sum(partC, batch * K, nblk, N * L), (batch, K, N, L), like),
-            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
-            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
+    return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk)
 
 
 def selective_scan_bwd(dy, cache):
@@ -1298,13 +1306,7 @@ def selective_scan_bwd(dy, cache):
         _flat(cache["u"]), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]), _flat(cache["C"]),
         _or_zeros(D, KD), _or_zeros(bias, KD), _flat(dy), hstart, du, ddelta, partB, partC, partA, partD,
         partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])))
-    like = cache["u"]
-    return {"u": _wrap(du, (batch, KD, L), like), "delta": _wrap(ddelta, (batch, KD, L), like),
-            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
-            "B": _wrap(_sum(partB, batch * K, nblk, N * L), (batch, K, N, L), like),
-            "C": _wrap(_sum(partC, batch * K, nblk, N * L), (batch, K, N, L), like),
-            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
-            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
+    return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk)
 
 
 def _check_map(x):
