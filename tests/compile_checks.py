@@ -126,12 +126,75 @@ def test_scan_vec_cuda_ptx_has_no_local_memory_and_no_f64(nstate, seg, items, ve
     assert (f"st.global.v{width}.f32" in ptx) == bool(vec)
 
 
-@pytest.mark.parametrize("name", ["scan_fwd_vec_N1_S32_I4_v", "scan_bwd_vec_N1_S32_I4_v", "scan_bwd_vec_N2_S32_I4_v",
-                                  "scan_fwd_vec_N1_S8_I4_s"])
+def _cubin_kernel_resources(cubin: bytes) -> dict:
+    """{function symbol: {"regs": n, "frame": bytes}} from a cubin's .nv.info sections
+    (EIATTR_REGCOUNT 0x2f, EIATTR_FRAME_SIZE 0x11: a non-zero frame = spilled registers)."""
+    import struct
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstr(base, off):
+        return cubin[base + off:cubin.index(b"\0", base + off)].decode()
+    names = [cstr(secs[shstrndx][4], s[0]) for s in secs]
+    symtab, strtab = secs[names.index(".symtab")], secs[names.index(".strtab")]
+    syms = [cstr(strtab[4], struct.unpack_from("<I", cubin, symtab[4] + 24 * i)[0]) for i in range(symtab[5] // 24)]
+    out = {}
+    for sec, name in zip(secs, names):
+        if not name.startswith(".nv.info"):
+            continue
+        p, end = sec[4], sec[4] + sec[5]
+        while p < end:
+            fmt, attr, size = struct.unpack_from("<BBH", cubin, p)
+            if fmt == 4:            # EIFMT_SVAL: a payload of `size` bytes follows
+                if attr in (0x2F, 0x11):
+                    sym, val = struct.unpack_from("<II", cubin, p + 4)
+                    out.setdefault(syms[sym], {})["regs" if attr == 0x2F else "frame"] = val
+                p += 4 + size
+            else:
+                p += 4
+    return out
+
+
+@pytest.mark.parametrize("name", ["scan_fwd_vec_N1_S32_I4_v", "scan_bwd_vec_N1_S32_I4_v", "scan_fwd_vec_N1_S16_I4_v",
+                                  "scan_bwd_vec_N1_S16_I4_v", "scan_bwd_vec_N2_S32_I4_v", "scan_fwd_vec_N1_S8_I4_s"])
 def test_scan_vec_numba_ptx_has_no_local_memory_and_no_f64(name):
+    """Compiled with the launch bounds the module launches them with; then (nvJitLink present)
+    linked for sm_90: no spilled registers, and the register count printed."""
     from numba import cuda
-    from sparx_ref.kernels.numba_cuda.scan import PTX_KERNELS
+    from sparx_ref.kernels.numba_cuda.scan import PTX_KERNELS, vec_launch_bounds
     (fn, sig), = [(f, s) for n, f, s in PTX_KERNELS if n == name]
-    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), launch_bounds=vec_launch_bounds(fn.__name__, int(name[14]), name.endswith("_v")))
     assert ".local" not in ptx and ".f64" not in ptx, name
     assert ("ld.global.v4.f32" in ptx) == name.endswith("_v"), name
+    try:
+        from cuda.bindings import nvjitlink
+    except ImportError:
+        return
+    h = nvjitlink.create(1, ["-arch=sm_90"])
+    nvjitlink.add_data(h, nvjitlink.InputType.PTX, ptx.encode(), len(ptx), name)
+    nvjitlink.complete(h)
+    cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
+    nvjitlink.get_linked_cubin(h, cubin)
+    res = [v for k, v in _cubin_kernel_resources(bytes(cubin)).items() if fn.__name__ in k]
+    print(name, res)
+    assert res and res[0].get("frame", 0) == 0, (name, res)
+
+
+@pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DSEG=32", "-DITEMS=4", "-DVEC=1"),
+                                  ("-DNSTATE=1", "-DSEG=16", "-DITEMS=4", "-DVEC=0")])
+def test_scan_vec_cuda_cubin_spills_nothing(opts):
+    """NVRTC for sm_90 (ptxas inside): the vec kernels keep everything in registers."""
+    from cuda.bindings import nvrtc
+    from sparx_ref.kernels.cupy.scan import CUDA_SOURCES
+    err, prog = nvrtc.nvrtcCreateProgram(CUDA_SOURCES["scan_vec"].encode(), b"scan_vec.cu", 0, [], [])
+    args = [b"--gpu-architecture=sm_90", b"-std=c++17"] + [o.encode() for o in opts]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
+    assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, opts
+    _, size = nvrtc.nvrtcGetCUBINSize(prog)
+    cubin = b" " * size
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    info = _cubin_kernel_resources(cubin)
+    print(opts, info)
+    for kernel in ("scan_fwd_vec", "scan_bwd_vec"):
+        assert info[kernel].get("frame", 0) == 0 and info[kernel]["regs"] <= 128, (kernel, info[kernel])

@@ -630,6 +630,15 @@ else:  # pragma: no cover - the simulator runs Python: element by element
 _VEC_BUILT: dict = {}
 
 
+def vec_launch_bounds(kernel: str, nstate: int, vec: bool):
+    """The vec kernels' launch bounds: (threads per block, min blocks per SM) for N = 1, only the
+    block size otherwise (larger N needs the registers). 3 blocks (80 registers) only for the
+    vector-load forward: the scalar-load one spills 16 bytes there."""
+    if nstate != 1:
+        return 32 * VEC_WARPS
+    return (32 * VEC_WARPS, 3 if kernel == "scan_fwd_vec" and vec else 2)
+
+
 def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
     """The vec kernels for d_state NSTATE, SEG lanes per row, ITEMS steps per lane, vector
     (VEC) or scalar loads: all compile-time constants, as the CUDA C's macros."""
@@ -980,13 +989,13 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
 
     # Launch bounds (N = 1): Numba's int64 indexing costs registers (88 fwd / 136 bwd unbounded,
     # CUDA C: 70 / 96). Capped at 80 / 128 (3 / 2 blocks of 256 threads per SM) ptxas spills
-    # nothing (frame size 0, checked by linking the PTX with nvJitLink for sm_90).
-    def jit(fn, min_blocks):
+    # nothing (frame size 0: tests/compile_checks.py links the PTX with nvJitLink for sm_90).
+    def jit(fn):
         if SIMULATOR:
             return cuda.jit(fn)
-        return cuda.jit(launch_bounds=(32 * VEC_WARPS, min_blocks) if NSTATE == 1 else 32 * VEC_WARPS)(fn)
+        return cuda.jit(launch_bounds=vec_launch_bounds(fn.__name__, NSTATE, VEC))(fn)
 
-    ns = {"scan_fwd_vec": jit(scan_fwd_vec, 3), "scan_bwd_vec": jit(scan_bwd_vec, 2),
+    ns = {"scan_fwd_vec": jit(scan_fwd_vec), "scan_bwd_vec": jit(scan_bwd_vec),
           "py": {"scan_fwd_vec": scan_fwd_vec, "scan_bwd_vec": scan_bwd_vec}}
     _VEC_BUILT[key] = ns
     return ns
