@@ -18,6 +18,9 @@ import math
 import numpy as np
 from numba import config, cuda, float32
 
+from ._launch import flat as flat_view
+from ._launch import launch
+
 from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
                             scan_cache, scan_shapes, ss2d_shapes)
 from ..cupy.scan import vec_layout, vec_loads_ok   # host-side rules shared by both backends (no CuPy import)
@@ -1178,20 +1181,20 @@ def _flat(x):
     a = x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
     if not a.is_c_contiguous():
         raise ValueError("backend 'numba_cuda' needs C-contiguous arrays")
-    return a.reshape(a.size)
+    return flat_view(a)   # a light 1-D view (see _launch.flat): no Numba reshape per call
 
 
 def _empty(shape):
     n = int(np.prod(shape))
     out = cuda.device_array(n, np.float32)
     if poisoning():
-        _fill[(n + 255) // 256, 256](out, f32(np.nan), np.int32(n))
+        launch(_fill, (n + 255) // 256, 256, out, f32(np.nan), np.int32(n))
     return out
 
 
 def _zeros(n):
     out = cuda.device_array(n, np.float32)
-    _fill[(n + 255) // 256, 256](out, f32(0.0), np.int32(n))
+    launch(_fill, (n + 255) // 256, 256, out, f32(0.0), np.int32(n))
     return out
 
 
@@ -1214,7 +1217,7 @@ def _i(v):
 
 def _sum(part, outer, P, inner):
     out = _empty((outer * inner,))
-    _sum_middle[(outer * inner + 255) // 256, 256](part, out, _i(outer), _i(P), _i(inner))
+    launch(_sum_middle, (outer * inner + 255) // 256, 256, part, out, _i(outer), _i(P), _i(inner))
     return out
 
 
@@ -1226,15 +1229,15 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
     rows = batch * KD
     tail = (_i(batch), _i(KD), _i(L), _i(K), _i(bool(delta_softplus)))
     if version == "naive":
-        _build(N, FWD_CHUNKS)["scan_fwd_naive"][(rows + 63) // 64, 64](*args, y, *tail)
+        launch(_build(N, FWD_CHUNKS)["scan_fwd_naive"], (rows + 63) // 64, 64, *args, y, *tail)
     elif version == "vec":
         seg, items = vec_layout(L)
         per_block = VEC_WARPS * 32 // seg
-        _build_vec(N, seg, items, vec_loads_ok(L, items, *args[:5], y))["scan_fwd_vec"][
-            (rows + per_block - 1) // per_block, 32 * VEC_WARPS](*args, y, *tail)
+        launch(_build_vec(N, seg, items, vec_loads_ok(L, items, *args[:5], y))["scan_fwd_vec"],
+               (rows + per_block - 1) // per_block, 32 * VEC_WARPS, *args, y, *tail)
     else:
-        _build(N, FWD_CHUNKS)["scan_fwd_warp"][(rows + FWD_WARPS - 1) // FWD_WARPS, 32 * FWD_WARPS](
-            *args, y, *tail)
+        launch(_build(N, FWD_CHUNKS)["scan_fwd_warp"], (rows + FWD_WARPS - 1) // FWD_WARPS, 32 * FWD_WARPS,
+               *args, y, *tail)
     return (_wrap(y, (batch, KD, L), u),
             scan_cache(u, delta, A, B, C, D, delta_bias, delta_softplus, (batch, KD, L, K, N)))
 
@@ -1292,9 +1295,9 @@ def selective_scan_bwd_vec(dy, cache):
     partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
     vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
     shared = slots * 2 * N * seg * items * 4
-    _build_vec(N, seg, items, vec)["scan_bwd_vec"][(nblk, K, batch), 32 * warps, 0, shared](
-        *ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
-        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])))
+    launch(_build_vec(N, seg, items, vec)["scan_bwd_vec"], (nblk, K, batch), 32 * warps,
+           *ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
+           partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])), sharedmem=shared)
     return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk)
 
 
@@ -1311,10 +1314,10 @@ def selective_scan_bwd(dy, cache):
     partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
     partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
     shared = BWD_WARPS * 2 * BWD_CHUNKS * 32 * N * 4
-    _build(N, BWD_CHUNKS)["scan_bwd_warp"][(nblk, K, batch), 32 * BWD_WARPS, 0, shared](
+    launch(_build(N, BWD_CHUNKS)["scan_bwd_warp"], (nblk, K, batch), 32 * BWD_WARPS,
         _flat(cache["u"]), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]), _flat(cache["C"]),
         _or_zeros(D, KD), _or_zeros(bias, KD), _flat(dy), hstart, du, ddelta, partB, partC, partA, partD,
-        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])))
+        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])), sharedmem=shared)
     return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk)
 
 
@@ -1327,10 +1330,10 @@ def _check_map(x):
 
 def _launch_2d(naive, tiled, src, dst, batch, C, H, W, version):
     if version == "tiled" and batch * C <= 65535:
-        tiled[((W + 31) // 32, (H + 31) // 32, batch * C), (32, 8)](src, dst, _i(batch), _i(C), _i(H), _i(W))
+        launch(tiled, ((W + 31) // 32, (H + 31) // 32, batch * C), (32, 8), src, dst, _i(batch), _i(C), _i(H), _i(W))
     else:
         total = batch * C * H * W
-        naive[(total + 255) // 256, 256](src, dst, _i(batch), _i(C), _i(H), _i(W))
+        launch(naive, (total + 255) // 256, 256, src, dst, _i(batch), _i(C), _i(H), _i(W))
 
 
 def _cross_scan(x, version):
@@ -1406,9 +1409,9 @@ def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fal
         return ss2d_scan_fwd_composed(x, delta, A, B, C, D, delta_bias, delta_softplus)
     KD = K_DIRECTIONS * Di
     y = _empty((batch, Di, H, W))
-    _build(N, FUSED_CHUNKS)["ss2d_fwd_fused"][batch * Di, 64, 0, shared](
+    launch(_build(N, FUSED_CHUNKS)["ss2d_fwd_fused"], batch * Di, 64,
         _flat(x), _flat(delta), _flat(A), _flat(B), _flat(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
-        _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(delta_softplus)))
+        _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(delta_softplus)), sharedmem=shared)
     return (_wrap(y, (batch, Di, H, W), x),
             scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N)))
 
@@ -1429,10 +1432,10 @@ def ss2d_scan_bwd(dy, cache):
     dx, ddelta = _empty((batch, Di, H, W)), _empty((batch, KD, L))
     dB, dC = _zeros(batch * K_DIRECTIONS * N * L), _zeros(batch * K_DIRECTIONS * N * L)
     partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
-    _build(N, BWD_CHUNKS)["ss2d_bwd_fused"][batch * Di, 64, 0, shared](
+    launch(_build(N, BWD_CHUNKS)["ss2d_bwd_fused"], batch * Di, 64,
         _flat(cache["u"]), _flat(dy), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]),
         _flat(cache["C"]), _or_zeros(D, KD), _or_zeros(bias, KD), hstart, dx, ddelta, dB, dC, partA, partD,
-        partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"])))
+        partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"])), sharedmem=shared)
     like = cache["u"]
     return {"x": _wrap(dx, (batch, Di, H, W), like), "delta": _wrap(ddelta, (batch, KD, L), like),
             "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),

@@ -21,6 +21,7 @@ import numpy as np
 from numba import cuda, float32, int32
 
 from .._scan_common import K_DIRECTIONS, scan_cache, ss2d_shapes
+from ._launch import launch
 from .scan import (SHARED_LIMIT, SIMULATOR, _empty, _flat, _or_zeros, _wrap, load_map, shfl_idx,
                    shfl_up2, softplus_f, ss2d_scan_fwd_composed)
 
@@ -242,8 +243,8 @@ def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     y = _empty((batch, Di, H, W))
     i32 = np.int32
     items = SHORT_ITEMS if L <= 32 * SHORT_ITEMS else QUAD_ITEMS
-    _build(N, items)["ss2d_fwd_quad"][batch * Di, QUAD_THREADS, 0, shared](
-        _flat(x), _flat(delta), _flat(A), _flat(B), _flat(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
-        i32(batch), i32(Di), i32(H), i32(W), i32(P), i32(bool(delta_softplus)))
+    launch(_build(N, items)["ss2d_fwd_quad"], batch * Di, QUAD_THREADS,
+           _flat(x), _flat(delta), _flat(A), _flat(B), _flat(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
+           i32(batch), i32(Di), i32(H), i32(W), i32(P), i32(bool(delta_softplus)), sharedmem=shared)
     return (_wrap(y, (batch, Di, H, W), x),
             scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N)))
