@@ -500,13 +500,15 @@ def _dispatch(kernel, griddim, blockdim, args, stream, sharedmem):
     return args
 
 
-def launch(kernel, griddim, blockdim, *args, stream=0, sharedmem=0):
+def launch(kernel, griddim, blockdim, *args, stream=0, sharedmem=0, deterministic=True):
     """``kernel[griddim, blockdim, stream, sharedmem](*args)``, with less host work.
 
     ``kernel`` is a ``@cuda.jit`` dispatcher. The first call with given argument kinds (array
     class, dtype, rank, layout; scalar types) goes through the dispatcher (it compiles);
     later ones launch the same compiled kernel directly. See the module docstring for
-    what falls back and for the ``verify`` mode."""
+    what falls back and for the ``verify`` mode. ``deterministic=False`` marks a kernel whose
+    results may differ in their low bits from run to run (float atomics): the ``verify`` mode
+    cannot compare two runs of it bit for bit and skips it."""
     if not _fast_enabled():
         return _dispatch(kernel, griddim, blockdim, args, stream, sharedmem)
     try:
@@ -525,7 +527,7 @@ def launch(kernel, griddim, blockdim, *args, stream=0, sharedmem=0):
         return None
     if type(plan) is _UnsupportedPlan:
         return _dispatch(kernel, griddim, blockdim, args, stream, sharedmem)
-    if _mode == "verify" and not plan.verified:
+    if _mode == "verify" and not plan.verified and deterministic:
         _verify(plan, griddim, blockdim, args, descs, stream, sharedmem)
     _fast_launch(plan, descs, args, griddim, blockdim, stream, sharedmem)
     _STATS["fast"] += 1

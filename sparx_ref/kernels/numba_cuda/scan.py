@@ -1435,7 +1435,8 @@ def ss2d_scan_bwd(dy, cache):
     launch(_build(N, BWD_CHUNKS)["ss2d_bwd_fused"], batch * Di, 64,
         _flat(cache["u"]), _flat(dy), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]),
         _flat(cache["C"]), _or_zeros(D, KD), _or_zeros(bias, KD), hstart, dx, ddelta, dB, dC, partA, partD,
-        partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"])), sharedmem=shared)
+        partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"])), sharedmem=shared,
+        deterministic=False)   # dB, dC are atomicAdd sums
     like = cache["u"]
     return {"x": _wrap(dx, (batch, Di, H, W), like), "delta": _wrap(ddelta, (batch, KD, L), like),
             "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
