@@ -54,27 +54,27 @@ _TABLE: list[Entry] = [
                             "into y (no cross-scan copy)"),
           ("ss2d_scan_bwd", "fused: reads x and dy in each direction; per-direction dx planes "
                             "added in a fixed order"))],
-    # Defaults are the fastest versions measured (H200, 2026-11-27, benchmarks/RESULTS.md):
-    # the composed ss2d scan (1.41 ms fwd) beat the fused one (3.61 ms) on CuPy, so "fused"
-    # stays in the ladder as a rung that has not yet earned its place.
+    # Defaults are the fastest versions measured (H100, 2026-11-27, benchmarks/RESULTS.md):
+    # "vec" beat "warp" at every scan shape on both backends, and the "quad" ss2d forward beat
+    # "composed" (the first "fused" rung lost to composed: it stays as a lesson in latency).
     *[row for backend in ("numba_cuda", "cupy") for row in (
         Entry("selective_scan_fwd", backend, "naive",
               f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd_naive", False,
               "one thread per row walking L: neighbouring threads read addresses L apart (uncoalesced)"),
         Entry("selective_scan_fwd", backend, "warp",
-              f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd", True,
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd", False,
               "one warp per row, lanes = consecutive steps (coalesced); warp-shuffle scan of "
               "(a, b) pairs per 32 steps, the state carried between chunks"),
         Entry("selective_scan_bwd", backend, "warp",
-              f"sparx_ref.kernels.{backend}.scan:selective_scan_bwd", True,
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_bwd", False,
               "recompute the forward per round from stored round-entry states, reverse warp "
               "scan of the adjoint; dB/dC summed over the block's channels in shared memory"),
         Entry("selective_scan_fwd", backend, "vec",
-              f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd_vec", False,
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_fwd_vec", True,
               "a lane holds 4 consecutive steps (16-byte loads): one warp scan per 4 elements over "
               "lane aggregates, next round's loads in flight; short rows share a warp"),
         Entry("selective_scan_bwd", backend, "vec",
-              f"sparx_ref.kernels.{backend}.scan:selective_scan_bwd_vec", False,
+              f"sparx_ref.kernels.{backend}.scan:selective_scan_bwd_vec", True,
               "the warp backward with 4 consecutive steps per lane (16-byte loads, suffix scan "
               "over lane aggregates); dB/dC summed over the block's rows in shared memory"),
         Entry("cross_scan", backend, "naive", f"sparx_ref.kernels.{backend}.scan:cross_scan_naive",
@@ -86,13 +86,13 @@ _TABLE: list[Entry] = [
         Entry("cross_merge", backend, "tiled", f"sparx_ref.kernels.{backend}.scan:cross_merge", True,
               "32x32 tile through shared memory for the transposed directions"),
         Entry("ss2d_scan_fwd", backend, "composed",
-              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd_composed", True,
+              f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd_composed", False,
               "cross_scan + selective scan + cross_merge kernels: three passes through memory"),
         Entry("ss2d_scan_fwd", backend, "fused", f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd",
               False, "one block per (batch, channel): the map read once into shared memory, four "
                     "directions scanned from there, y written once in a fixed order"),
         Entry("ss2d_scan_fwd", backend, "quad", f"sparx_ref.kernels.{backend}.ss2d:ss2d_scan_fwd_quad",
-              False, "a block of 4 warps per (batch, channel), warp k scans direction k from the "
+              True, "a block of 4 warps per (batch, channel), warp k scans direction k from the "
                     "shared map, ITEMS steps per lane; directions merged by two 2-addend shared "
                     "accumulators (deterministic)"),
         Entry("ss2d_scan_bwd", backend, "composed",

@@ -46,8 +46,10 @@ def test_ladders_exist_where_they_teach():
         assert kernels.versions("selective_scan_fwd", backend)[:2] == ["naive", "warp"]
         assert set(kernels.versions("cross_scan", backend)) == {"naive", "tiled"}
         assert {"composed", "fused", "quad"} <= set(kernels.versions("ss2d_scan_fwd", backend))
-        # the default is the faster one measured on a GPU (benchmarks/RESULTS.md): composed
-        assert [e.version for e in kernels.entries("ss2d_scan_fwd", backend) if e.default] == ["composed"]
+        # the defaults are the fastest measured on a GPU (benchmarks/RESULTS.md)
+        assert [e.version for e in kernels.entries("ss2d_scan_fwd", backend) if e.default] == ["quad"]
+        for op in ("selective_scan_fwd", "selective_scan_bwd"):
+            assert [e.version for e in kernels.entries(op, backend) if e.default] == ["vec"]
 
 
 def test_get_returns_the_default_and_named_versions():

@@ -5,7 +5,9 @@ Same signatures, semantics and return conventions as :mod:`sparx_ref.ref.scan` a
 :mod:`sparx_ref.ref.ss2d`, with CuPy arrays (anything exposing ``__cuda_array_interface__``
 is accepted and viewed without a copy; outputs are CuPy arrays).
 
-The ladder (registry rows; the last of each op is the default):
+The ladder (registry rows; :func:`sparx_ref.kernels.registered` and the registry's ``default``
+column say which version is the default: ``vec`` for the selective scan, ``tiled`` for
+cross-scan/merge, ``quad`` (:mod:`.ss2d`) for the ss2d forward and ``composed`` for its backward):
 
 - selective_scan_fwd: ``naive`` (one thread per row, uncoalesced), ``warp`` (one warp per row,
   lanes = consecutive steps, a warp-shuffle scan of (a, b) pairs per 32 steps).
@@ -20,7 +22,8 @@ The ladder (registry rows; the last of each op is the default):
   so the transposed directions are coalesced too).
 - ss2d_scan_fwd / ss2d_scan_bwd: ``composed`` (cross_scan + scan + cross_merge kernels, three
   passes over memory), ``fused`` (one block per (batch, channel) reads the map once into shared
-  memory and scans all four directions from there; the merged result is written once).
+  memory and scans all four directions from there; the merged result is written once). The
+  ``quad`` forward (4 warps per block, one direction each) lives in :mod:`.ss2d`.
 
 The CUDA source is ``CUDA_SOURCES["scan"]``; ``NSTATE`` (d_state) and ``CHUNKS`` are macros, one
 compiled module per pair met (cached). The vec rung is ``CUDA_SOURCES["scan_vec"]`` (macros
@@ -1098,7 +1101,7 @@ def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_s
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Selective scan forward, one warp per row with a warp-shuffle scan (default). Returns
+    """Selective scan forward, one warp per row with a warp-shuffle scan (rung "warp"). Returns
     ``(y, cache)``; see :func:`sparx_ref.ref.scan.selective_scan_fwd`."""
     return _scan_fwd("warp", u, delta, A, B, C, D, delta_bias, delta_softplus)
 
@@ -1222,12 +1225,12 @@ def _pitch(W):
 
 
 def ss2d_scan_fwd_composed(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Ladder rung "composed": cross_scan, selective_scan_fwd and cross_merge kernels in turn
+    """Ladder rung "composed": cross_scan, selective_scan_fwd_vec and cross_merge kernels in turn
     (the released code's three passes; the (batch, 4, Di, L) intermediates go through memory)."""
     batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
                                         backend="cupy")
     xs = cross_scan(x).reshape(batch, K_DIRECTIONS * Di, H * W)
-    ys, _ = selective_scan_fwd(xs, delta, A, B, C, D, delta_bias, delta_softplus)
+    ys, _ = selective_scan_fwd_vec(xs, delta, A, B, C, D, delta_bias, delta_softplus)
     y = cross_merge(ys.reshape(batch, K_DIRECTIONS, Di, H * W), H, W)
     return y, scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N))
 
@@ -1240,13 +1243,13 @@ def ss2d_scan_bwd_composed(dy, cache):
     xs = cross_scan(cache["u"]).reshape(batch, KD, L)
     sc = scan_cache(xs, cache["delta"], cache["A"], cache["B"], cache["C"], cache["D"],
                     cache["delta_bias"], cache["delta_softplus"], (batch, KD, L, K_DIRECTIONS, N))
-    g = selective_scan_bwd(cross_scan(dy).reshape(batch, KD, L), sc)
+    g = selective_scan_bwd_vec(cross_scan(dy).reshape(batch, KD, L), sc)
     dxs = g.pop("u")
     return {"x": cross_merge(dxs.reshape(batch, K_DIRECTIONS, Di, L), H, W), **g}
 
 
 def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Fused 2-D scan forward (default): one block per (batch, channel) reads the map once into
+    """Fused 2-D scan forward (rung "fused"): one block per (batch, channel) reads the map once into
     shared memory, two warps scan the four directions from there, y is written once. Falls back
     to the composed version when the map does not fit in shared memory. Returns ``(y, cache)``;
     see :func:`sparx_ref.ref.ss2d.ss2d_scan_fwd`."""
@@ -1266,7 +1269,7 @@ def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fal
 
 
 def ss2d_scan_bwd(dy, cache):
-    """Fused 2-D scan backward (default): dict keyed x, delta, A, B, C, D, delta_bias.
+    """Fused 2-D scan backward (rung "fused"): dict keyed x, delta, A, B, C, D, delta_bias.
     dx and ddelta are deterministic; dB/dC are summed with atomics (low bits may vary)."""
     cp = _cp()
     batch, Di, H, W, N = cache["shape"]

@@ -1262,7 +1262,7 @@ def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_s
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Selective scan forward, one warp per row with a warp-shuffle scan (default). Returns
+    """Selective scan forward, one warp per row with a warp-shuffle scan (rung "warp"). Returns
     ``(y, cache)``; see :func:`sparx_ref.ref.scan.selective_scan_fwd`."""
     return _scan_fwd("warp", u, delta, A, B, C, D, delta_bias, delta_softplus)
 
@@ -1380,7 +1380,7 @@ def ss2d_scan_fwd_composed(x, delta, A, B, C, D=None, delta_bias=None, delta_sof
     batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
                                         backend="numba_cuda")
     xs = cross_scan(x).reshape(batch, K_DIRECTIONS * Di, H * W)
-    ys, _ = selective_scan_fwd(xs, delta, A, B, C, D, delta_bias, delta_softplus)
+    ys, _ = selective_scan_fwd_vec(xs, delta, A, B, C, D, delta_bias, delta_softplus)
     y = cross_merge(ys.reshape(batch, K_DIRECTIONS, Di, H * W), H, W)
     return y, scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N))
 
@@ -1393,13 +1393,13 @@ def ss2d_scan_bwd_composed(dy, cache):
     xs = cross_scan(cache["u"]).reshape(batch, KD, L)
     sc = scan_cache(xs, cache["delta"], cache["A"], cache["B"], cache["C"], cache["D"],
                     cache["delta_bias"], cache["delta_softplus"], (batch, KD, L, K_DIRECTIONS, N))
-    g = selective_scan_bwd(cross_scan(dy).reshape(batch, KD, L), sc)
+    g = selective_scan_bwd_vec(cross_scan(dy).reshape(batch, KD, L), sc)
     dxs = g.pop("u")
     return {"x": cross_merge(dxs.reshape(batch, K_DIRECTIONS, Di, L), H, W), **g}
 
 
 def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Fused 2-D scan forward (default); the composed version when the map does not fit in
+    """Fused 2-D scan forward (rung "fused"); the composed version when the map does not fit in
     48 KB of shared memory. Returns ``(y, cache)``; see :func:`sparx_ref.ref.ss2d.ss2d_scan_fwd`."""
     batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
                                         backend="numba_cuda")
@@ -1417,7 +1417,7 @@ def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fal
 
 
 def ss2d_scan_bwd(dy, cache):
-    """Fused 2-D scan backward (default): dict keyed x, delta, A, B, C, D, delta_bias.
+    """Fused 2-D scan backward (rung "fused"): dict keyed x, delta, A, B, C, D, delta_bias.
     dx, ddelta deterministic; dB/dC summed with atomics (their low bits may vary)."""
     batch, Di, H, W, N = cache["shape"]
     check_dy("dy", dy, (batch, Di, H, W), np.float32)
