@@ -8,6 +8,9 @@ edges (L not a multiple of 32 or of a round, several rounds, channel blocks with
 N = 2, an odd non-square map with partial 32x32 tiles, a 1x1 map), and each result is checked
 against the float64 reference op, so the exit status is 1 on a wrong answer as well as on a
 sanitizer report.
+
+``SANITIZE_VERSIONS=vec,quad`` (environment) keeps only those version names (e.g. the rungs
+added since the last full sanitizer run; the ss2d backward then runs its default version).
 """
 from __future__ import annotations
 
@@ -22,6 +25,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+
+
+def versions(op, backend):
+    """The registered versions of ``op`` on ``backend``, kept to $SANITIZE_VERSIONS when set."""
+    from sparx_ref import kernels
+    only = [v for v in os.environ.get("SANITIZE_VERSIONS", "").split(",") if v]
+    return [v for v in kernels.versions(op, backend) if not only or v in only]
 
 
 def main():
@@ -63,13 +73,13 @@ def main():
             y_ref, c_ref = R.selective_scan_fwd(*f64(args), delta_softplus=True)
             dy = rng.standard_normal(y_ref.shape).astype(f32)
             g_ref = R.selective_scan_bwd(dy.astype(np.float64), c_ref)
-            for version in kernels.versions("selective_scan_fwd", backend):
+            for version in versions("selective_scan_fwd", backend):
                 fn = kernels.get("selective_scan_fwd", backend, version)
                 with poison_outputs():
                     y, cache = fn(*[dev(backend, a) for a in args], delta_softplus=True)
                 assert_close(y, y_ref, f32, "kernel", f"{backend}/{version} scan fwd")
                 n_checked += 1
-            for version in kernels.versions("selective_scan_bwd", backend):
+            for version in versions("selective_scan_bwd", backend):
                 with poison_outputs():
                     g = kernels.get("selective_scan_bwd", backend, version)(dev(backend, dy), cache)
                 assert_all_close(g, g_ref, f32, "kernel", prefix=f"{backend}/{version} scan bwd ")
@@ -79,7 +89,7 @@ def main():
             L = H * W
             x = rng.standard_normal((b, Di, H, W)).astype(f32)
             ys = rng.standard_normal((b, 4, Di, L)).astype(f32)
-            for version in kernels.versions("cross_scan", backend):
+            for version in versions("cross_scan", backend):
                 with poison_outputs():
                     got = kernels.get("cross_scan", backend, version)(dev(backend, x))
                     merged = kernels.get("cross_merge", backend, version)(dev(backend, ys), H, W)
@@ -91,7 +101,7 @@ def main():
             y_ref, c_ref = S.ss2d_scan_fwd(*f64(args), delta_softplus=True)
             dy = rng.standard_normal(y_ref.shape).astype(f32)
             g_ref = S.ss2d_scan_bwd(dy.astype(np.float64), c_ref)
-            for version in kernels.versions("ss2d_scan_fwd", backend):
+            for version in versions("ss2d_scan_fwd", backend):
                 # a forward-only rung ("quad") pairs with the default backward (the cache is the inputs)
                 bwd_version = version if version in kernels.versions("ss2d_scan_bwd", backend) else None
                 with poison_outputs():
