@@ -284,10 +284,15 @@ assert err <= KERNEL_TOL
 # ## 4. The project's kernels, through the registry
 #
 # `sparx_ref.kernels` keeps a ladder of versions per operation, each with a one-line idea.
-# The default scan kernel goes one step further than ours: **one warp per row**, the 32
-# lanes handle 32 consecutive steps and combine them with a warp-shuffle scan of the pairs
+# The registered scan goes further than ours in two steps. `warp`: **one warp per row**, the
+# 32 lanes handle 32 consecutive steps and combine them with a warp-shuffle scan of the pairs
 # $(e^{\Delta A}, \Delta B u)$ (the recurrence is associative), carrying the state from one
-# 32-step chunk to the next. Every version passes the same oracle check.
+# 32-step chunk to the next. `vec` (the default): each lane holds 4 consecutive steps, loads
+# them with one 16-byte load per tensor, composes its 4 steps itself, and the warp scan runs
+# once per 4 steps: a quarter of the shuffles and load instructions (on an H100: 65% -> 83%
+# of the memory-bandwidth floor at L = 3136). The SS2D ladder ends with `quad`: 4 warps per
+# (image, channel), one per direction, reading the map from shared memory. Every version
+# passes the same oracle check.
 
 # %%
 from sparx_ref.kernels import registry  # noqa: E402
