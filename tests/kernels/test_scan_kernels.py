@@ -12,6 +12,7 @@ NaN (``poison_outputs``): an element a kernel forgets to write fails the compari
   maps.
 - cupy without a GPU: skipped with the reason.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -462,24 +463,23 @@ class _FakeKernel:
         self.fn(*[ctypes.c_uint(int(v)) for v in grid + block[:2]], *conv)
 
 
-@pytest.fixture(scope="module")
-def fake_cupy(tmp_path_factory):
-    """sparx_ref.kernels.cupy.scan with a CPU stand-in for CuPy: its host code and its CUDA C
-    (compiled by g++ -std=c++20, one build per NVRTC option set, like the real module cache)."""
+@contextlib.contextmanager
+def cuda_c_on_cpu(module, root):
+    """While open, ``module`` (a sparx_ref.kernels.cupy module) runs with a CPU stand-in for
+    CuPy: its host code as is, its CUDA C compiled by g++ -std=c++20 into ``root`` (one build
+    per (source, NVRTC option set), like the real module cache) with every CUDA thread a
+    std::thread. Skips the test when g++ (or its C++20 <barrier>) is missing."""
     import ctypes
     import shutil
     import subprocess
     import sys
-    if kernels.runtime_missing("cupy") is None:
-        pytest.skip("a GPU is here: the CuPy backend is tested for real")
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("no g++ to build the CPU emulation of the CUDA C")
-    root = tmp_path_factory.mktemp("scan_emu")
     built = {}
 
     def build(code, options):
-        key = (code, options)           # one build per (source, NVRTC option set)
+        key = (code, options)
         if key not in built:
             src = code
             for name in ("sred", "smem"):
@@ -497,19 +497,28 @@ def fake_cupy(tmp_path_factory):
             built[key] = ctypes.CDLL(str(d / "emu.so"))
         return built[key]
 
-    from sparx_ref.kernels.cupy import scan as cupy_scan
-    saved_modules, saved_cupy = dict(cupy_scan._MODULES), sys.modules.get("cupy")
-    cupy_scan._MODULES.clear()
+    saved_modules, saved_cupy = dict(module._MODULES), sys.modules.get("cupy")
+    module._MODULES.clear()
     sys.modules["cupy"] = _FakeCupy(build)
     try:
-        yield cupy_scan
+        yield module
     finally:
-        cupy_scan._MODULES.clear()
-        cupy_scan._MODULES.update(saved_modules)
+        module._MODULES.clear()
+        module._MODULES.update(saved_modules)
         if saved_cupy is None:
             del sys.modules["cupy"]
         else:
             sys.modules["cupy"] = saved_cupy
+
+
+@pytest.fixture(scope="module")
+def fake_cupy(tmp_path_factory):
+    """sparx_ref.kernels.cupy.scan with a CPU stand-in for CuPy (:func:`cuda_c_on_cpu`)."""
+    if kernels.runtime_missing("cupy") is None:
+        pytest.skip("a GPU is here: the CuPy backend is tested for real")
+    from sparx_ref.kernels.cupy import scan as cupy_scan
+    with cuda_c_on_cpu(cupy_scan, tmp_path_factory.mktemp("scan_emu")) as module:
+        yield module
 
 
 @pytest.mark.parametrize("case", [

@@ -9,7 +9,7 @@ float64 reference at tolerance("float32", "kernel").
 
 - numba_cuda: under the CUDA simulator (CI; ITEMS = 2 there: 64-step rounds) or on a GPU.
 - cupy: on a GPU, else the CUDA C itself on the CPU stand-in of test_scan_kernels.py (every
-  CUDA thread a std::thread), with float4 / make_float4 added to its header.
+  CUDA thread a std::thread).
 """
 import numpy as np
 import pytest
@@ -18,8 +18,7 @@ from sparx_ref import kernels
 from sparx_ref.kernels._scan_common import poison_outputs
 from sparx_ref.ref import ss2d as ref_ss2d
 from sparx_ref.testing import _to_numpy, assert_close
-from tests.kernels.test_scan_kernels import (_EMU_HEADER, _FakeCupy, _emu_harness, f64, map_inputs,
-                                             to_backend)
+from tests.kernels.test_scan_kernels import cuda_c_on_cpu, f64, map_inputs, to_backend
 
 F32 = np.float32
 
@@ -96,59 +95,16 @@ def test_backward_accepts_the_quad_cache(numba_quad):
 # ---------------------------------------------------------------------------------------
 # cupy: real GPU, else the CUDA C on the CPU stand-in
 # ---------------------------------------------------------------------------------------
-_EMU_VECTOR_TYPES = r"""   // added unless the shared header already has them
-struct alignas(16) float4 { float x, y, z, w; };
-static inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
-"""
-
-
 @pytest.fixture(scope="module")
 def cupy_quad(tmp_path_factory):
     """sparx_ref.kernels.cupy.ss2d, on the GPU if there is one, else with the CPU stand-in for
-    CuPy (its RawModule builds the CUDA C with g++, one build per NVRTC option set)."""
-    import ctypes
-    import shutil
-    import subprocess
-    import sys
+    CuPy of test_scan_kernels.py (:func:`cuda_c_on_cpu`)."""
     from sparx_ref.kernels.cupy import ss2d as mod
     if kernels.runtime_missing("cupy") is None:
         yield mod, "cupy"
         return
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the CPU emulation of the CUDA C")
-    root = tmp_path_factory.mktemp("ss2d_emu")
-    built = {}
-
-    def build(code, options):
-        if options not in built:
-            d = root / f"b{len(built)}"
-            d.mkdir()
-            (d / "scan.cu").write_text(code.replace("extern __shared__ float smem[];",
-                                                    "float* smem = g_dyn_smem;"))
-            extra = "" if "make_float4" in _EMU_HEADER else _EMU_VECTOR_TYPES
-            (d / "harness.cpp").write_text(_EMU_HEADER + extra + _emu_harness(code))
-            cmd = [cxx, "-std=c++20", "-O1", "-w", "-shared", "-fPIC", "-pthread", *options,
-                   str(d / "harness.cpp"), "-o", str(d / "emu.so")]
-            res = subprocess.run(cmd, capture_output=True, text=True, cwd=d)
-            if res.returncode != 0 and ("barrier" in res.stderr or "atomic_ref" in res.stderr):
-                pytest.skip("this g++ lacks C++20 <barrier>/atomic_ref")
-            assert res.returncode == 0, res.stderr[-3000:]
-            built[options] = ctypes.CDLL(str(d / "emu.so"))
-        return built[options]
-
-    saved_modules, saved_cupy = dict(mod._MODULES), sys.modules.get("cupy")
-    mod._MODULES.clear()
-    sys.modules["cupy"] = _FakeCupy(build)
-    try:
+    with cuda_c_on_cpu(mod, tmp_path_factory.mktemp("ss2d_emu")):
         yield mod, "numpy"
-    finally:
-        mod._MODULES.clear()
-        mod._MODULES.update(saved_modules)
-        if saved_cupy is None:
-            del sys.modules["cupy"]
-        else:
-            sys.modules["cupy"] = saved_cupy
 
 
 def _cupy_args(kind, arrays):
