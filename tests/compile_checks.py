@@ -71,13 +71,30 @@ def test_cupy_source_compiles_for_compute90(name, src, opts):
 
 # --- ss2d "quad" forward (sparx_ref/kernels/{numba_cuda,cupy}/ss2d.py): besides compiling, its
 # per-lane register arrays (ITEMS steps x NSTATE) must stay in registers: no .local, no .f64
-@pytest.mark.parametrize("n", [0, 1, 2])
+@pytest.mark.parametrize("n", range(5))
 def test_ss2d_quad_numba_ptx_has_no_local_memory_and_no_f64(n):
     from numba import cuda
     from sparx_ref.kernels.numba_cuda.ss2d import PTX_KERNELS
+    assert len(PTX_KERNELS) == 5
     name, fn, sig = PTX_KERNELS[n]
     ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
     assert ".local" not in ptx and ".f64" not in ptx, name
+    vector_loads = ptx.count("ld.global.nc.v4.f32") + ptx.count("ld.global.v4.f32")
+    # "_v": delta, B and C in 16-byte loads (this round's and the next's); else none
+    assert (vector_loads >= 6) if name.endswith("_v") else (vector_loads == 0), (name, vector_loads)
+
+
+# --- Numba cross-scan/merge "tiled_unsigned": with uint64 indices Numba emits no negative-index
+# wrap-around fix-up (the shr.s64 of the sign test), so the kernel is a quarter of the signed one.
+@pytest.mark.parametrize("op", ["cross_scan", "cross_merge"])
+def test_numba_unsigned_tiles_have_no_wraparound_fixups(op):
+    from numba import cuda
+    from sparx_ref.kernels.numba_cuda.scan import PTX_KERNELS
+    ptx = {name: cuda.compile_ptx(fn, sig, cc=(9, 0))[0] for name, fn, sig in PTX_KERNELS
+           if name in (f"{op}_tiled", f"{op}_tiled_unsigned")}
+    signed, unsigned = ptx[f"{op}_tiled"], ptx[f"{op}_tiled_unsigned"]
+    assert "shr.s64" in signed and "shr.s64" not in unsigned
+    assert len(unsigned.splitlines()) < len(signed.splitlines()) / 2
 
 
 @pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DITEMS=4"), ("-DNSTATE=2", "-DITEMS=4"),

@@ -79,12 +79,14 @@ _TABLE: list[Entry] = [
               "over lane aggregates); dB/dC summed over the block's rows in shared memory"),
         Entry("cross_scan", backend, "naive", f"sparx_ref.kernels.{backend}.scan:cross_scan_naive",
               False, "one thread per element writes its four copies (transposed ones uncoalesced)"),
-        Entry("cross_scan", backend, "tiled", f"sparx_ref.kernels.{backend}.scan:cross_scan", True,
-              "32x32 tile through shared memory: every read and write coalesced"),
+        Entry("cross_scan", backend, "tiled",
+              f"sparx_ref.kernels.{backend}.scan:{'cross_scan' if backend == 'cupy' else 'cross_scan_tiled'}",
+              backend == "cupy", "32x32 tile through shared memory: every read and write coalesced"),
         Entry("cross_merge", backend, "naive", f"sparx_ref.kernels.{backend}.scan:cross_merge_naive",
               False, "one thread per output element reads its four sources"),
-        Entry("cross_merge", backend, "tiled", f"sparx_ref.kernels.{backend}.scan:cross_merge", True,
-              "32x32 tile through shared memory for the transposed directions"),
+        Entry("cross_merge", backend, "tiled",
+              f"sparx_ref.kernels.{backend}.scan:{'cross_merge' if backend == 'cupy' else 'cross_merge_tiled'}",
+              backend == "cupy", "32x32 tile through shared memory for the transposed directions"),
         Entry("ss2d_scan_fwd", backend, "composed",
               f"sparx_ref.kernels.{backend}.scan:ss2d_scan_fwd_composed", False,
               "cross_scan + selective scan + cross_merge kernels: three passes through memory"),
@@ -102,6 +104,12 @@ _TABLE: list[Entry] = [
               False, "x and dy maps in shared memory, four directions, dx written once; dB/dC by "
                     "atomics over channels"),
     )],
+    # Numba only: the tiled cross-scan/merge with unsigned indices. Numba's signed int64 indices
+    # get a negative-index wrap-around fix-up at every access (PTX 639 -> 153 instructions).
+    Entry("cross_scan", "numba_cuda", "tiled_unsigned", "sparx_ref.kernels.numba_cuda.scan:cross_scan", True,
+          "the tiled kernel with unsigned 64-bit indices: no per-access negative-index fix-ups"),
+    Entry("cross_merge", "numba_cuda", "tiled_unsigned", "sparx_ref.kernels.numba_cuda.scan:cross_merge", True,
+          "the tiled kernel with unsigned 64-bit indices: no per-access negative-index fix-ups"),
     # --- attention kernels (issue: attention kernels) ---------------------------------
     # CuPy's default window kernels are the per-shape "static" ones (fwd+bwd 1.09 ms vs 2.10 ms
     # fused, H200 2026-11-27; NVRTC compiles a shape in well under a second). Numba's default

@@ -44,7 +44,11 @@ def test_every_pair_has_exactly_one_default_and_unique_versions():
 def test_ladders_exist_where_they_teach():
     for backend in ("numba_cuda", "cupy"):
         assert kernels.versions("selective_scan_fwd", backend)[:2] == ["naive", "warp"]
-        assert set(kernels.versions("cross_scan", backend)) == {"naive", "tiled"}
+        for op in ("cross_scan", "cross_merge"):
+            assert {"naive", "tiled"} <= set(kernels.versions(op, backend))
+            # Numba's default: the tiles with unsigned indices (no negative-index fix-ups)
+            want = "tiled" if backend == "cupy" else "tiled_unsigned"
+            assert [e.version for e in kernels.entries(op, backend) if e.default] == [want]
         assert {"composed", "fused", "quad"} <= set(kernels.versions("ss2d_scan_fwd", backend))
         # the defaults are the fastest measured on a GPU (benchmarks/RESULTS.md)
         assert [e.version for e in kernels.entries("ss2d_scan_fwd", backend) if e.default] == ["quad"]

@@ -244,12 +244,15 @@ def test_cross_scan_tile_edges_on_a_map_larger_than_one_tile():
     for backend in kernels.BACKENDS:
         if kernels.runtime_missing(backend) or on_simulator(backend):
             continue     # the simulator's cases already cut partial tiles (maps < 32)
-        with poison_outputs():
-            got = kernels.get("cross_scan", backend)(to_backend(backend, x))
-            merged = kernels.get("cross_merge", backend)(to_backend(backend, ys), 33, 65)
-        assert_close(got, ref_ss2d.cross_scan(x), F32, "kernel", f"cross_scan/{backend}")
-        assert_close(merged, ref_ss2d.cross_merge(ys.astype(np.float64), 33, 65), F32, "kernel",
-                     f"cross_merge/{backend}")
+        for version in kernels.versions("cross_scan", backend):
+            with poison_outputs():
+                got = kernels.get("cross_scan", backend, version)(to_backend(backend, x))
+            assert_close(got, ref_ss2d.cross_scan(x), F32, "kernel", f"cross_scan/{backend}/{version}")
+        for version in kernels.versions("cross_merge", backend):
+            with poison_outputs():
+                merged = kernels.get("cross_merge", backend, version)(to_backend(backend, ys), 33, 65)
+            assert_close(merged, ref_ss2d.cross_merge(ys.astype(np.float64), 33, 65), F32, "kernel",
+                         f"cross_merge/{backend}/{version}")
 
 
 # ---------------------------------------------------------------------------------------

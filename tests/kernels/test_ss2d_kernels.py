@@ -67,6 +67,18 @@ def test_numba_cuda_quad_matches_reference(numba_quad, c):
     check_quad(numba_quad, "numba_cuda", c, "numba_cuda/quad")
 
 
+def test_numba_cuda_quad_vector_loads_of_four_steps_per_lane(numba_quad, monkeypatch):
+    """ITEMS = 4 (the GPU's rounds of 128 steps; the simulator's default is 2): 16-byte loads of
+    delta/B/C when L % 4 == 0 (12x12, 16x9), scalar loads otherwise (9x9)."""
+    from sparx_ref.kernels.numba_cuda import ss2d as mod
+    monkeypatch.setattr(mod, "QUAD_ITEMS", 4)
+    built, build = [], mod._build
+    monkeypatch.setattr(mod, "_build", lambda *key: built.append(key) or build(*key))
+    for H, W in ((12, 12), (16, 9), (9, 9)):
+        check_quad(numba_quad, "numba_cuda", case(H, W, Di=1), f"numba_cuda/quad ITEMS=4 {H}x{W}")
+    assert built == [(1, 4, True), (1, 4, True), (1, 4, False)]
+
+
 def test_numba_cuda_quad_falls_back_to_composed_above_the_shared_limit(numba_quad, monkeypatch):
     from sparx_ref.kernels.numba_cuda import ss2d as mod
     monkeypatch.setattr(mod, "SHARED_LIMIT", 8)    # no map fits: the composed path runs

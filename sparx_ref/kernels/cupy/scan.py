@@ -799,15 +799,18 @@ __global__ void scan_bwd_vec(const float* __restrict__ u, const float* __restric
     float uq[ITEMS], zq[ITEMS], dyq[ITEMS], Bq[NSTATE][ITEMS], Cq[NSTATE][ITEMS];
     float dtv[ITEMS], a[NSTATE][ITEMS], bb[NSTATE][ITEMS];
 
-    // pass 1: the state entering every round (u, delta, B only; next round's loads in flight)
-    vec_load_round(u + off, delta + off, B + goff, C + goff, sl * ITEMS, L, uv, zv, Bv, Cv, 0);
+    // pass 1: the state entering every round (u, delta, B only; next round's loads in flight).
+    // The last round's gates are never needed here (no round follows it), so a row of a single
+    // round (L <= VROUND, e.g. L = 49) does no pass-1 loads or arithmetic at all.
+    if (nrounds > 1) vec_load_round(u + off, delta + off, B + goff, C + goff, sl * ITEMS, L, uv, zv, Bv, Cv, 0);
     for (int s = 0; s < nrounds; ++s) {
         const int t0 = s * VROUND + sl * ITEMS;
-        const bool more = s + 1 < nrounds;
         if (active && sl == 0) {
 #pragma unroll
             for (int n = 0; n < NSTATE; ++n) hs[s * NSTATE + n] = carry[n];
         }
+        if (s == nrounds - 1) break;
+        const bool more = s + 2 < nrounds;     // round s + 1 is needed unless it is the last
         if (more) vec_load_round(u + off, delta + off, B + goff, C + goff, t0 + VROUND, L, uq, zq, Bq, Cq, 0);
         vec_gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb);
 #pragma unroll

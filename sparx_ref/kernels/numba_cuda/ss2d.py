@@ -3,9 +3,9 @@ warps per (batch, channel), warp k scanning direction k, the map read once into 
 
 The same kernel as :mod:`sparx_ref.kernels.cupy.ss2d` (whose docstring gives the design and the
 determinism argument of the merge), written in Python for ``numba.cuda``; read the two side by
-side. Differences: delta/B/C are loaded with scalar loads (a lane's ITEMS consecutive steps:
-the L1 cache merges the ITEMS load instructions of a warp into the same lines), and Numba
-cannot raise a kernel's dynamic shared memory above 48 KB, so maps with 3*H*(W|1)*4 > 48 KB
+side. Differences: delta/B/C come in 16-byte vector loads as in CUDA C (through scan.py's
+``load4`` intrinsic) when L % 4 == 0 and the bases are aligned, else in scalar loads; the x map
+is read with scalar loads; and Numba cannot raise a kernel's dynamic shared memory above 48 KB, so maps with 3*H*(W|1)*4 > 48 KB
 (larger than ~63 x 63) run the composed version.
 
 Same signature and semantics as :func:`sparx_ref.ref.ss2d.ss2d_scan_fwd` (float32 device
@@ -22,7 +22,8 @@ from numba import cuda, float32, int32
 
 from .._scan_common import K_DIRECTIONS, scan_cache, ss2d_shapes
 from ._launch import launch
-from .scan import (SHARED_LIMIT, SIMULATOR, _empty, _flat, _or_zeros, _wrap, load_map, shfl_idx,
+from ..cupy.scan import vec_loads_ok   # host-side rule shared by both backends (no CuPy import)
+from .scan import (SHARED_LIMIT, SIMULATOR, _empty, _flat, _or_zeros, _wrap, load4, load_map, shfl_idx,
                    shfl_up2, softplus_f, ss2d_scan_fwd_composed)
 
 __all__ = ["ss2d_scan_fwd_quad"]
@@ -71,16 +72,33 @@ def quad_next(kdir, H, W, major, minor):
 _BUILT: dict = {}
 
 
-def _build(NSTATE: int, ITEMS: int):
-    """The kernel for d_state = NSTATE and ITEMS consecutive steps per lane (compile-time)."""
-    key = (NSTATE, ITEMS)
+def _build(NSTATE: int, ITEMS: int, VEC: bool = False):
+    """The kernel for d_state = NSTATE, ITEMS consecutive steps per lane and 16-byte loads of
+    delta/B/C (VEC; needs ITEMS % 4 == 0, L % 4 == 0 and aligned bases): compile-time."""
+    VEC = bool(VEC) and ITEMS % 4 == 0
+    key = (NSTATE, ITEMS, VEC)
     if key in _BUILT:
         return _BUILT[key]
     ROUND = 32 * ITEMS
 
     @cuda.jit(device=True, inline=True)
     def quad_load(delta, doff, B, C, goff, t0, L, z, Bv, Cv):
-        """delta/B/C of the lane's steps t0 .. t0+ITEMS-1 (zeros past L)."""
+        """delta/B/C of the lane's steps t0 .. t0+ITEMS-1 (zeros past L). VEC: one 16-byte load per
+        4 steps (t0 and L multiples of 4: a vector is all in or all out)."""
+        if VEC:
+            for q in range(0, ITEMS, 4):
+                if t0 + q < L:
+                    z[q], z[q + 1], z[q + 2], z[q + 3] = load4(delta, doff + t0 + q)
+                    for n in range(NSTATE):
+                        Bv[q, n], Bv[q + 1, n], Bv[q + 2, n], Bv[q + 3, n] = load4(B, goff + n * L + t0 + q)
+                        Cv[q, n], Cv[q + 1, n], Cv[q + 2, n], Cv[q + 3, n] = load4(C, goff + n * L + t0 + q)
+                else:
+                    for i in range(q, q + 4):
+                        z[i] = f32(0.0)
+                        for n in range(NSTATE):
+                            Bv[i, n] = f32(0.0)
+                            Cv[i, n] = f32(0.0)
+            return
         for i in range(ITEMS):
             t = t0 + i
             ok = t < L
@@ -223,8 +241,9 @@ def _build(NSTATE: int, ITEMS: int):
 
 # what tests/compile_checks.py compiles for sm_90 (name, python function, signature)
 _SIG = "void(" + ", ".join(["float32[::1]"] * 8 + ["int32"] * 6) + ")"
-PTX_KERNELS = [(f"ss2d_fwd_quad_N{_n}_I{_it}", _build(_n, _it)["py"], _SIG)
-               for _n, _it in ((1, QUAD_ITEMS), (2, QUAD_ITEMS), (1, SHORT_ITEMS))]
+PTX_KERNELS = [(f"ss2d_fwd_quad_N{_n}_I{_it}{'_v' if _v else ''}", _build(_n, _it, _v)["py"], _SIG)
+               for _n, _it, _v in ((1, QUAD_ITEMS, False), (2, QUAD_ITEMS, False), (1, SHORT_ITEMS, False),
+                                   (1, 4, True), (2, 4, True))]
 
 
 def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
@@ -243,8 +262,10 @@ def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     y = _empty((batch, Di, H, W))
     i32 = np.int32
     items = SHORT_ITEMS if L <= 32 * SHORT_ITEMS else QUAD_ITEMS
-    launch(_build(N, items)["ss2d_fwd_quad"], batch * Di, QUAD_THREADS,
-           _flat(x), _flat(delta), _flat(A), _flat(B), _flat(C), _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
+    ins = (_flat(x), _flat(delta), _flat(A), _flat(B), _flat(C))
+    vec = items % 4 == 0 and vec_loads_ok(L, items, ins[1], ins[3], ins[4])
+    launch(_build(N, items, vec)["ss2d_fwd_quad"], batch * Di, QUAD_THREADS,
+           *ins, _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
            i32(batch), i32(Di), i32(H), i32(W), i32(P), i32(bool(delta_softplus)), sharedmem=shared)
     return (_wrap(y, (batch, Di, H, W), x),
             scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N)))

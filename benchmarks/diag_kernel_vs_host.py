@@ -1,0 +1,158 @@
+"""Where does a kernel call's time go: the GPU kernels, or the host around them? (GPU only.)
+
+For each case (the Numba-vs-CuPy gaps of issues 5 and 6 at SparX-Mamba-T shapes, batch 64),
+both GPU backends side by side, every registered version or the ones named:
+
+- ``event ms``: the median CUDA-event time of one call, as the benchmarks report it;
+- ``kernel ms``: the summed device time of the CUDA kernels one call launches (torch.profiler,
+  CUPTI sees Numba's and CuPy's kernels too), and how many kernels that is;
+- ``host ms``: the wall time of issuing one call (many calls back to back, no synchronisation,
+  so the GPU never makes the host wait).
+
+event ~ kernel: the kernels are the limit; event ~ host > kernel: the host is.
+
+    NUMBA_ENABLE_CUDASIM=0 python benchmarks/diag_kernel_vs_host.py [--cases scan49,cross,quad,dmca]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
+os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+HERE = Path(__file__).resolve().parent
+for p in (HERE, HERE.parent):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import common  # noqa: E402
+from bench_attention import dmca_problem  # noqa: E402
+from bench_scan import MAP_SHAPE, native, scan_inputs  # noqa: E402
+
+BACKENDS = ("cupy", "numba_cuda")
+
+
+def kernel_ms(fn, reps=20):
+    """(summed CUDA kernel time per call in ms, kernels per call), from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name
+               and "Memset" not in e.name]
+    total_us = sum(e.device_time for e in kernels)
+    return total_us / 1e3 / reps, len(kernels) / reps
+
+
+def host_ms(fn, reps=50):
+    """Median over 5 batches of the wall time of issuing one call, no synchronisation inside."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        per.append((time.perf_counter() - t0) / reps * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(per)
+
+
+def _versions(op, backend, wanted):
+    from sparx_ref import kernels
+    return [(e.version, kernels.get(op, backend, e.version)) for e in kernels.entries(op, backend)
+            if (not wanted or e.version in wanted) and e.version != "naive"]
+
+
+def cases(names, versions):
+    """Yield (case, backend/version, fn) for the named case groups."""
+    import torch
+    if "scan49" in names or "scan196" in names:
+        for L, KD in ((49, 4096), (196, 2560)):
+            if f"scan{L}" not in names:
+                continue
+            x = scan_inputs(64, KD, L)
+            args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"])
+            dy = torch.randn_like(x["u"])
+            for backend in BACKENDS:
+                nargs = [native(backend, a) for a in args]
+                ndy = native(backend, dy)
+                from sparx_ref import kernels
+                bwd = kernels.get("selective_scan_bwd", backend)
+                for v, fn in _versions("selective_scan_fwd", backend, versions):
+                    yield f"scan fwd L={L}", f"{backend}/{v}", (lambda fn=fn, a=nargs: fn(*a, delta_softplus=True))
+
+                    def fb(fn=fn, a=nargs, d=ndy, bwd=bwd):
+                        _, cache = fn(*a, delta_softplus=True)
+                        return bwd(d, cache)
+                    yield f"scan fwd+bwd L={L}", f"{backend}/{v}", fb
+    if "cross" in names:
+        b, C, H, W = MAP_SHAPE
+        xm = torch.randn(b, C, H, W, device="cuda")
+        ys = torch.randn(b, 4, C, H * W, device="cuda")
+        for backend in BACKENDS:
+            nx, nys = native(backend, xm), native(backend, ys)
+            for v, fn in _versions("cross_scan", backend, versions):
+                yield "cross_scan", f"{backend}/{v}", (lambda fn=fn: fn(nx))
+            for v, fn in _versions("cross_merge", backend, versions):
+                yield "cross_merge", f"{backend}/{v}", (lambda fn=fn: fn(nys, H, W))
+    if "quad" in names:
+        b, Di, H, W = MAP_SHAPE
+        x = scan_inputs(b, 4 * Di, H * W, seed=1)
+        xm = torch.randn(b, Di, H, W, device="cuda")
+        args = (xm, x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"])
+        for backend in BACKENDS:
+            nargs = [native(backend, a) for a in args]
+            for v, fn in _versions("ss2d_scan_fwd", backend, versions or ("quad", "composed")):
+                yield "ss2d fwd", f"{backend}/{v}", (lambda fn=fn, a=nargs: fn(*a, delta_softplus=True))
+    if "dmca" in names:
+        for prob in (dmca_problem(), dmca_problem(C=320, L=196)):
+            q = torch.randn(prob["B"], prob["C"], prob["Ls"], device="cuda")
+            k = torch.randn_like(q)
+            v = torch.randn(prob["B"], prob["C"], prob["L"], device="cuda")
+            dout = torch.randn_like(v)
+            for backend in BACKENDS:
+                nq, nk, nv, nd = (native(backend, t) for t in (q, k, v, dout))
+                from sparx_ref import kernels
+                bwd = kernels.get("dmca_attention_bwd", backend)
+                for ver, fn in _versions("dmca_attention_fwd", backend, versions):
+                    name = f"dmca C={prob['C']} L={prob['L']}"
+                    yield name + " fwd", f"{backend}/{ver}", (lambda fn=fn: fn(nq, nk, nv, prob["groups"]))
+
+                    def fb(fn=fn, bwd=bwd, g=prob["groups"]):
+                        _, cache = fn(nq, nk, nv, g)
+                        return bwd(nd, cache)
+                    yield name + " fwd+bwd", f"{backend}/{ver}", fb
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="scan49,cross,quad,dmca")
+    p.add_argument("--versions", default="", help="comma-separated versions to keep (default: all but naive)")
+    args = p.parse_args(argv)
+    common.use_cupy_pool_for_numba()
+    names = set(args.cases.split(","))
+    versions = tuple(v for v in args.versions.split(",") if v)
+    print(f"# {common.card()}")
+    rows = []
+    for case, impl, fn in cases(names, versions):
+        ev = common.median_ms(fn, reps=30, warmup=3)
+        kms, nk = kernel_ms(fn)
+        hms = host_ms(fn)
+        rows.append([case, impl, ev, kms, nk, hms])
+        print(f"| {case} | {impl} | {ev:.4g} | {kms:.4g} | {nk:.3g} | {hms:.4g} |", flush=True)
+    print(common.fmt_table(["case", "impl", "event ms", "kernel ms", "kernels/call", "host ms"], rows))
+
+
+if __name__ == "__main__":
+    main()
