@@ -47,9 +47,10 @@ def kernel_ms(fn, reps=20):
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name
+    from torch.autograd import DeviceType
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and "Memcpy" not in e.name
                and "Memset" not in e.name]
-    total_us = sum(e.device_time for e in kernels)
+    total_us = sum(e.time_range.elapsed_us() for e in kernels)
     return total_us / 1e3 / reps, len(kernels) / reps
 
 
@@ -143,7 +144,7 @@ def main(argv=None):
     common.use_cupy_pool_for_numba()
     names = set(args.cases.split(","))
     versions = tuple(v for v in args.versions.split(",") if v)
-    print(f"# {common.card()}")
+    print(f"# {common.card()}; device copy {common.copy_bandwidth_gbs():.0f} GB/s")
     rows = []
     for case, impl, fn in cases(names, versions):
         ev = common.median_ms(fn, reps=30, warmup=3)
