@@ -140,6 +140,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="scan49,cross,quad,dmca")
     p.add_argument("--versions", default="", help="comma-separated versions to keep (default: all but naive)")
+    p.add_argument("--cprofile", default="", help="also cProfile the host side of the cases whose "
+                   "'case impl' contains this text (200 calls each; top 25 by own time)")
     args = p.parse_args(argv)
     common.use_cupy_pool_for_numba()
     names = set(args.cases.split(","))
@@ -152,6 +154,18 @@ def main(argv=None):
         hms = host_ms(fn)
         rows.append([case, impl, ev, kms, nk, hms])
         print(f"| {case} | {impl} | {ev:.4g} | {kms:.4g} | {nk:.3g} | {hms:.4g} |", flush=True)
+        if args.cprofile and args.cprofile in f"{case} {impl}":
+            import cProfile
+            import io
+            import pstats
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(200):
+                fn()
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+            print(f"# cProfile, 200 calls of {case} {impl}:\n" + out.getvalue(), flush=True)
     print(common.fmt_table(["case", "impl", "event ms", "kernel ms", "kernels/call", "host ms"], rows))
 
 

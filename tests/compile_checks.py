@@ -174,16 +174,22 @@ def _cubin_kernel_resources(cubin: bytes) -> dict:
 
 
 @pytest.mark.parametrize("name", ["scan_fwd_vec_N1_S32_I4_v", "scan_bwd_vec_N1_S32_I4_v", "scan_fwd_vec_N1_S16_I4_v",
-                                  "scan_bwd_vec_N1_S16_I4_v", "scan_bwd_vec_N2_S32_I4_v", "scan_fwd_vec_N1_S8_I4_s"])
+                                  "scan_bwd_vec_N1_S16_I4_v", "scan_bwd_vec_N2_S32_I4_v", "scan_fwd_vec_N1_S8_I4_s",
+                                  "scan_fwd_vec_N1_S16_I4_s_1r", "scan_bwd_vec_N1_S16_I4_s_1r",
+                                  "scan_fwd_vec_N1_S16_I4_v_1r", "scan_bwd_vec_N1_S16_I4_v_1r"])
 def test_scan_vec_numba_ptx_has_no_local_memory_and_no_f64(name):
     """Compiled with the launch bounds the module launches them with; then (nvJitLink present)
-    linked for sm_90: no spilled registers, and the register count printed."""
+    linked for sm_90: no spilled registers, and the register count printed. Name parts: N<d_state>,
+    v / s (vector / scalar loads), 1r (rows of one round)."""
     from numba import cuda
     from sparx_ref.kernels.numba_cuda.scan import PTX_KERNELS, vec_launch_bounds
     (fn, sig), = [(f, s) for n, f, s in PTX_KERNELS if n == name]
-    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), launch_bounds=vec_launch_bounds(fn.__name__, int(name[14]), name.endswith("_v")))
+    parts = name.split("_")
+    vec, one_round = "v" in parts, "1r" in parts
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0), launch_bounds=vec_launch_bounds(fn.__name__, int(name[14]), vec,
+                                                                                   one_round))
     assert ".local" not in ptx and ".f64" not in ptx, name
-    assert ("ld.global.v4.f32" in ptx) == name.endswith("_v"), name
+    assert ("ld.global.v4.f32" in ptx) == vec, name
     try:
         from cuda.bindings import nvjitlink
     except ImportError:
@@ -199,7 +205,8 @@ def test_scan_vec_numba_ptx_has_no_local_memory_and_no_f64(name):
 
 
 @pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DSEG=32", "-DITEMS=4", "-DVEC=1"),
-                                  ("-DNSTATE=1", "-DSEG=16", "-DITEMS=4", "-DVEC=0")])
+                                  ("-DNSTATE=1", "-DSEG=16", "-DITEMS=4", "-DVEC=0"),
+                                  ("-DNSTATE=1", "-DSEG=16", "-DITEMS=4", "-DVEC=0", "-DONE_ROUND=1")])
 def test_scan_vec_cuda_cubin_spills_nothing(opts):
     """NVRTC for sm_90 (ptxas inside): the vec kernels keep everything in registers."""
     from cuda.bindings import nvrtc
@@ -215,3 +222,5 @@ def test_scan_vec_cuda_cubin_spills_nothing(opts):
     print(opts, info)
     for kernel in ("scan_fwd_vec", "scan_bwd_vec"):
         assert info[kernel].get("frame", 0) == 0 and info[kernel]["regs"] <= 128, (kernel, info[kernel])
+        if "-DONE_ROUND=1" in opts:   # the point of the variant: no next-round registers, no pass 1
+            assert info[kernel]["regs"] <= 64, (kernel, info[kernel])

@@ -580,7 +580,9 @@ _VEC_KERNELS = r"""
 //   ITEMS  steps per lane per round (2, 4 or 8);
 //   SEG    lanes per row (32, 16 or 8): short rows put 32/SEG rows in one warp;
 //   VEC    1: vector loads/stores (the host checked L % VW == 0 and 4*VW-byte aligned bases);
-//          0: scalar loads of the same steps.
+//          0: scalar loads of the same steps;
+//   ONE_ROUND  1 when every row fits one round (L <= VROUND, e.g. L = 49): the round loops and
+//          the registers of the next round's loads compile away.
 // A round covers SEG*ITEMS steps of a row; lane sl of a segment holds steps
 // base + sl*ITEMS + i, i < ITEMS.
 // ===================================================================================
@@ -592,6 +594,9 @@ _VEC_KERNELS = r"""
 #endif
 #ifndef VEC
 #define VEC 1
+#endif
+#ifndef ONE_ROUND
+#define ONE_ROUND 0   // 1: the host guarantees L <= VROUND: no next-round loads, no backward pass 1
 #endif
 #define VROUND (SEG * ITEMS)
 #if ITEMS % 4 == 0
@@ -740,7 +745,7 @@ __global__ void scan_fwd_vec(const float* __restrict__ u, const float* __restric
     vec_load_round(u + off, delta + off, B + goff, C + goff, sl * ITEMS, L, uv, zv, Bv, Cv, 1);
     for (int base = 0; base < L; base += VROUND) {
         const int t0 = base + sl * ITEMS;
-        const bool more = base + VROUND < L;
+        const bool more = !ONE_ROUND && base + VROUND < L;
         if (more) vec_load_round(u + off, delta + off, B + goff, C + goff, t0 + VROUND, L, uq, zq, Bq, Cq, 1);
         float dtv[ITEMS], a[NSTATE][ITEMS], bb[NSTATE][ITEMS], yv[ITEMS];
         vec_gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb);
@@ -789,7 +794,7 @@ __global__ void scan_bwd_vec(const float* __restrict__ u, const float* __restric
     const int row = b * KD + c;
     const long long off = (long long)row * L;
     const long long goff = (long long)(b * K + k) * NSTATE * L;
-    const int nrounds = (L + VROUND - 1) / VROUND;
+    const int nrounds = ONE_ROUND ? 1 : (L + VROUND - 1) / VROUND;
     float* hs = hstart + (long long)row * nrounds * NSTATE;
     float An[NSTATE], carry[NSTATE];
 #pragma unroll
@@ -801,9 +806,10 @@ __global__ void scan_bwd_vec(const float* __restrict__ u, const float* __restric
 
     // pass 1: the state entering every round (u, delta, B only; next round's loads in flight).
     // The last round's gates are never needed here (no round follows it), so a row of a single
-    // round (L <= VROUND, e.g. L = 49) does no pass-1 loads or arithmetic at all.
+    // round (L <= VROUND, e.g. L = 49) does no pass-1 loads or arithmetic at all; with ONE_ROUND
+    // pass 1 is compiled out (the one round starts from h = 0).
     if (nrounds > 1) vec_load_round(u + off, delta + off, B + goff, C + goff, sl * ITEMS, L, uv, zv, Bv, Cv, 0);
-    for (int s = 0; s < nrounds; ++s) {
+    for (int s = 0; s < (ONE_ROUND ? 0 : nrounds); ++s) {
         const int t0 = s * VROUND + sl * ITEMS;
         if (active && sl == 0) {
 #pragma unroll
@@ -838,7 +844,7 @@ __global__ void scan_bwd_vec(const float* __restrict__ u, const float* __restric
     }
     for (int s = nrounds - 1; s >= 0; --s) {
         const int base = s * VROUND, t0 = base + sl * ITEMS;
-        const bool more = s > 0;
+        const bool more = !ONE_ROUND && s > 0;
         if (more) {
             vec_load_round(u + off, delta + off, B + goff, C + goff, t0 - VROUND, L, uq, zq, Bq, Cq, 1);
             vload(dy + off, t0 - VROUND, L, dyq);
@@ -848,7 +854,7 @@ __global__ void scan_bwd_vec(const float* __restrict__ u, const float* __restric
         float hh[NSTATE][ITEMS + 1];
 #pragma unroll
         for (int n = 0; n < NSTATE; ++n) {
-            float cin = active ? hs[s * NSTATE + n] : 0.f;
+            float cin = (ONE_ROUND || !active) ? 0.f : hs[s * NSTATE + n];
             float h = vec_lane_entry(a[n], bb[n], cin, sl, seg0);
             hh[n][0] = h;
 #pragma unroll
@@ -984,12 +990,13 @@ def _kernel(name, nstate=1, chunks=4, shared=0):
     return k
 
 
-def _vec_kernel(name, nstate, seg, items, vec, shared=0):
-    """A kernel of CUDA_SOURCES["scan_vec"] compiled for (N, SEG, ITEMS, VEC) (cached)."""
-    key = ("vec", int(nstate), int(seg), int(items), int(vec))
+def _vec_kernel(name, nstate, seg, items, vec, shared=0, one_round=False):
+    """A kernel of CUDA_SOURCES["scan_vec"] compiled for (N, SEG, ITEMS, VEC, ONE_ROUND) (cached)."""
+    key = ("vec", int(nstate), int(seg), int(items), int(vec), int(one_round))
     if key not in _MODULES:
         _MODULES[key] = _cp().RawModule(code=CUDA_SOURCES["scan_vec"], options=(
-            f"-DNSTATE={key[1]}", f"-DSEG={key[2]}", f"-DITEMS={key[3]}", f"-DVEC={key[4]}"))
+            f"-DNSTATE={key[1]}", f"-DSEG={key[2]}", f"-DITEMS={key[3]}", f"-DVEC={key[4]}",
+            f"-DONE_ROUND={key[5]}"))
     k = _MODULES[key].get_function(name)
     if shared > 48 * 1024 and k.max_dynamic_shared_size_bytes < shared:
         k.max_dynamic_shared_size_bytes = shared
@@ -1078,7 +1085,7 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
         seg, items = vec_layout(L)
         vec = vec_loads_ok(L, items, *args[:5], y)
         rows_per_block = VEC_WARPS * 32 // seg
-        _vec_kernel("scan_fwd_vec", N, seg, items, vec)(
+        _vec_kernel("scan_fwd_vec", N, seg, items, vec, one_round=L <= seg * items)(
             ((rows + rows_per_block - 1) // rows_per_block,), (32 * VEC_WARPS,), (*args, *tail))
     else:
         _kernel("scan_fwd_warp", N, FWD_CHUNKS)(((rows + FWD_WARPS - 1) // FWD_WARPS,), (32 * FWD_WARPS,),
@@ -1158,7 +1165,7 @@ def selective_scan_bwd_vec(dy, cache):
     partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
     vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
     shared = slots * 2 * N * seg * items * 4
-    k = _vec_kernel("scan_bwd_vec", N, seg, items, vec, shared)
+    k = _vec_kernel("scan_bwd_vec", N, seg, items, vec, shared, one_round=nrounds == 1)
     k((nblk, K, batch), (32 * VEC_WARPS,),
       (*ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
        partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"]))),

@@ -31,6 +31,11 @@ __all__ = ["selective_scan_fwd", "selective_scan_bwd", "cross_scan", "cross_merg
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 FULL_MASK = 0xFFFFFFFF
 f32 = np.float32
+# Unsigned 64-bit indices. Numba indexes with signed int64 and, for an index it cannot prove
+# non-negative, adds the Python wrap-around fix-up (idx < 0 ? idx + len : idx) at every access;
+# an uint64 index has none. Numba types uint64 op int64 as float64, so code that computes in
+# uint64 makes every literal and counter uint64 too; elsewhere only the final index is cast.
+_U = np.uint64
 
 FWD_WARPS = 8          # rows (warps) per block of scan_fwd_warp
 FWD_CHUNKS = 4         # 32-step chunks per round: loads in flight per lane
@@ -633,19 +638,25 @@ else:  # pragma: no cover - the simulator runs Python: element by element
 _VEC_BUILT: dict = {}
 
 
-def vec_launch_bounds(kernel: str, nstate: int, vec: bool):
+def vec_launch_bounds(kernel: str, nstate: int, vec: bool, one_round: bool = False):
     """The vec kernels' launch bounds: (threads per block, min blocks per SM) for N = 1, only the
     block size otherwise (larger N needs the registers). 3 blocks (80 registers) only for the
-    vector-load forward: the scalar-load one spills 16 bytes there."""
+    vector-load forward: the scalar-load one spills 16 bytes there. One-round rows (no
+    next-round registers, no pass 1): forward 4 blocks (64 registers), backward 3 (at 4 it
+    spills 32 bytes)."""
     if nstate != 1:
         return 32 * VEC_WARPS
+    if one_round:
+        return (32 * VEC_WARPS, 4 if kernel == "scan_fwd_vec" else 3)
     return (32 * VEC_WARPS, 3 if kernel == "scan_fwd_vec" and vec else 2)
 
 
-def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
+def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = False):
     """The vec kernels for d_state NSTATE, SEG lanes per row, ITEMS steps per lane, vector
-    (VEC) or scalar loads: all compile-time constants, as the CUDA C's macros."""
-    key = (NSTATE, SEG, ITEMS, bool(VEC))
+    (VEC) or scalar loads, rows of one round only (ONE_ROUND: L <= SEG*ITEMS, no next-round
+    loads, no backward pass 1): all compile-time constants, as the CUDA C's macros."""
+    key = (NSTATE, SEG, ITEMS, bool(VEC), bool(ONE_ROUND))
+    ONE_ROUND = bool(ONE_ROUND)
     if key in _VEC_BUILT:
         return _VEC_BUILT[key]
     VROUND = SEG * ITEMS
@@ -668,9 +679,9 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
                     v[q], v[q + 1] = load2(p, off + t)
                 else:
                     v[q] = v[q + 1] = f32(0.0)
-            else:
+            else:   # uint64 index: no negative-index fix-up per scalar access (see _U)
                 for r in range(VW):
-                    v[q + r] = p[off + t + r] if t + r < L else f32(0.0)
+                    v[q + r] = p[_U(off + t + r)] if t + r < L else f32(0.0)
 
     @cuda.jit(device=True, inline=True)
     def vstore(p, off, t0, L, v):
@@ -686,7 +697,7 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
             else:
                 for r in range(VW):
                     if t + r < L:
-                        p[off + t + r] = v[q + r]
+                        p[_U(off + t + r)] = v[q + r]
 
     @cuda.jit(device=True, inline=True)
     def load_round(u, delta, B, C, off, goff, t0, L, uv, zv, Bv, Cv, with_c):
@@ -776,10 +787,10 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
         bb = cuda.local.array((NSTATE, ITEMS), float32)
         yv = cuda.local.array(ITEMS, float32)
         load_round(u, delta, B, C, off, goff, sl * ITEMS, L, uv, zv, Bv, Cv, True)
-        nrounds = (L + VROUND - 1) // VROUND
+        nrounds = 1 if ONE_ROUND else (L + VROUND - 1) // VROUND
         for s in range(nrounds):
             t0 = s * VROUND + sl * ITEMS
-            more = s + 1 < nrounds
+            more = not ONE_ROUND and s + 1 < nrounds
             if more:
                 load_round(u, delta, B, C, off, goff, t0 + VROUND, L, uq, zq, Bq, Cq, True)
             gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb)
@@ -821,7 +832,7 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
         row = b * KD + c
         off = row * L
         goff = (b * K + k) * NSTATE * L
-        nrounds = (L + VROUND - 1) // VROUND
+        nrounds = 1 if ONE_ROUND else (L + VROUND - 1) // VROUND
         hoff = row * nrounds * NSTATE
         poff = ((b * K + k) * cuda.gridDim.x + cuda.blockIdx.x) * NSTATE * L
         An = cuda.local.array(NSTATE, float32)
@@ -847,9 +858,10 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
         # pass 1: the state entering every round (u, delta, B; next round's loads in flight).
         # The last round's gates are never needed here (no round follows it): a row of a single
         # round (L <= VROUND) does no pass-1 loads or arithmetic.
+        # With ONE_ROUND pass 1 is compiled out (the one round starts from h = 0).
         if nrounds > 1:
             load_round(u, delta, B, C, off, goff, sl * ITEMS, L, uv, zv, Bv, Cv, False)
-        for s in range(nrounds):
+        for s in range(0 if ONE_ROUND else nrounds):
             t0 = s * VROUND + sl * ITEMS
             if active and sl == 0:
                 for n in range(NSTATE):
@@ -893,14 +905,14 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
             s = nrounds - 1 - si
             base = s * VROUND
             t0 = base + sl * ITEMS
-            more = s > 0
+            more = not ONE_ROUND and s > 0
             if more:
                 load_round(u, delta, B, C, off, goff, t0 - VROUND, L, uq, zq, Bq, Cq, True)
                 vload(dy, off, t0 - VROUND, L, dyq)
             # forward recompute: hh[n, i] = state before step i, hh[n, ITEMS] after the last
             gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb)
             for n in range(NSTATE):
-                cin = hstart[hoff + s * NSTATE + n] if active else f32(0.0)
+                cin = f32(0.0) if ONE_ROUND or not active else hstart[hoff + s * NSTATE + n]
                 h, c_unused = lane_entry(a, bb, n, cin, sl, seg0)
                 hh[n, 0] = h
                 for i in range(ITEMS):
@@ -1001,7 +1013,7 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool):
     def jit(fn):
         if SIMULATOR:
             return cuda.jit(fn)
-        return cuda.jit(launch_bounds=vec_launch_bounds(fn.__name__, NSTATE, VEC))(fn)
+        return cuda.jit(launch_bounds=vec_launch_bounds(fn.__name__, NSTATE, VEC, ONE_ROUND))(fn)
 
     ns = {"scan_fwd_vec": jit(scan_fwd_vec), "scan_bwd_vec": jit(scan_bwd_vec),
           "py": {"scan_fwd_vec": scan_fwd_vec, "scan_bwd_vec": scan_bwd_vec}}
@@ -1132,11 +1144,8 @@ def _cross_merge_tiled_py(ys, y, batch, C, H, W):
 
 
 # Ladder rung "tiled_unsigned" (Numba only): the same tiles with every index an unsigned 64-bit
-# integer. Numba indexes with signed int64 and, for an index it cannot prove non-negative, adds
-# the Python wrap-around fix-up (idx < 0 ? idx + len : idx) at every access; with uint64 indices
-# there is none. Numba types uint64 op int64 as float64, so every literal and counter below is
-# uint64 too (_U). PTX for sm_90: 639 -> 153 instructions (cross-scan), 652 -> 156 (merge).
-_U = np.uint64
+# integer (_U, see the top of the module). PTX for sm_90: 639 -> 153 instructions (cross-scan),
+# 652 -> 156 (merge).
 
 
 def _cross_scan_tiled_unsigned_py(x, xs, batch, C, H, W):
@@ -1248,6 +1257,12 @@ for _n, _seg, _items, _vec in ((1, 32, 4, True), (1, 32, 4, False), (1, 16, 4, T
     _tag = f"N{_n}_S{_seg}_I{_items}_{'v' if _vec else 's'}"
     PTX_KERNELS += [(f"scan_fwd_vec_{_tag}", _py["scan_fwd_vec"], _sig(8, 5)),
                     (f"scan_bwd_vec_{_tag}", _py["scan_bwd_vec"], _sig(16, 5))]
+# ... and the one-round kernels of short rows (L <= SEG*ITEMS: L = 49 at SEG 16)
+for _n, _seg, _items, _vec in ((1, 16, 4, False), (1, 16, 4, True), (1, 8, 4, False)):
+    _py = _build_vec(_n, _seg, _items, _vec, True)["py"]
+    _tag = f"N{_n}_S{_seg}_I{_items}_{'v' if _vec else 's'}_1r"
+    PTX_KERNELS += [(f"scan_fwd_vec_{_tag}", _py["scan_fwd_vec"], _sig(8, 5)),
+                    (f"scan_bwd_vec_{_tag}", _py["scan_bwd_vec"], _sig(16, 5))]
 for _n, _ch in ((1, FWD_CHUNKS), (2, BWD_CHUNKS), (1, FUSED_CHUNKS)):
     _py = _build(_n, _ch)["py"]
     PTX_KERNELS += [
@@ -1322,7 +1337,7 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
     elif version == "vec":
         seg, items = vec_layout(L)
         per_block = VEC_WARPS * 32 // seg
-        launch(_build_vec(N, seg, items, vec_loads_ok(L, items, *args[:5], y))["scan_fwd_vec"],
+        launch(_build_vec(N, seg, items, vec_loads_ok(L, items, *args[:5], y), L <= seg * items)["scan_fwd_vec"],
                (rows + per_block - 1) // per_block, 32 * VEC_WARPS, *args, y, *tail)
     else:
         launch(_build(N, FWD_CHUNKS)["scan_fwd_warp"], (rows + FWD_WARPS - 1) // FWD_WARPS, 32 * FWD_WARPS,
@@ -1384,7 +1399,7 @@ def selective_scan_bwd_vec(dy, cache):
     partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
     vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
     shared = slots * 2 * N * seg * items * 4
-    launch(_build_vec(N, seg, items, vec)["scan_bwd_vec"], (nblk, K, batch), 32 * warps,
+    launch(_build_vec(N, seg, items, vec, nrounds == 1)["scan_bwd_vec"], (nblk, K, batch), 32 * warps,
            *ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
            partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])), sharedmem=shared)
     return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk)
