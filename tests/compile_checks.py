@@ -97,6 +97,37 @@ def test_numba_unsigned_tiles_have_no_wraparound_fixups(op):
     assert len(unsigned.splitlines()) < len(signed.splitlines()) / 2
 
 
+# --- Numba DMCA "tiled_unsigned" (sparx_ref/kernels/numba_cuda/attention.py): with uint64 indices
+# Numba emits no negative-index wrap-around fix-up (the shr.s64 of the sign test) and no float64
+# from a stray uint64-int64 mix; the GEMM's inner product loop is under half the signed one (the
+# whole GEMM is not shorter: LLVM now fully unrolls its tile-loading loop, four layouts of it).
+def _ptx_loop_around_first(ptx, op):
+    """Instructions of the loop (label ... back-branch to it) that holds the first `op` line."""
+    import re
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    first = next(n for n, ln in enumerate(lines) if ln.startswith(op))
+    top = max(n for n in range(first) if re.fullmatch(r"\$L__BB\d+_\d+:", lines[n]))
+    back_branch = re.compile(r"bra(\.uni)?\s+" + re.escape(lines[top][:-1]) + ";")
+    back = next(n for n in range(first, len(lines)) if back_branch.search(lines[n]))
+    return [ln for ln in lines[top + 1:back + 1] if ln and not ln.startswith(("//", "$"))]
+
+
+@pytest.mark.parametrize("kernel", ["bmm_tiled", "softmax_rows", "softmax_bwd_rows"])
+def test_numba_dmca_unsigned_kernels_have_no_wraparound_fixups(kernel):
+    from numba import cuda
+    from sparx_ref.kernels.numba_cuda.attention import PTX_KERNELS
+    ptx = {name: cuda.compile_ptx(fn, sig, cc=(9, 0))[0] for name, fn, sig in PTX_KERNELS
+           if name in (f"{kernel}_float32", f"{kernel}_unsigned_float32")}
+    signed, unsigned = ptx[f"{kernel}_float32"], ptx[f"{kernel}_unsigned_float32"]
+    assert "shr.s64" in signed and "shr.s64" not in unsigned and ".f64" not in unsigned
+    if kernel == "bmm_tiled":
+        inner = _ptx_loop_around_first(unsigned, "fma.rn.f32")
+        inner_signed = _ptx_loop_around_first(signed, "fma.rn.f32")
+        assert len(inner) < len(inner_signed) / 2, (len(inner), len(inner_signed))   # 53 vs 126 (numba 0.68)
+    else:
+        assert len(unsigned.splitlines()) < len(signed.splitlines()) * 0.7          # ~0.53 (numba 0.68)
+
+
 @pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DITEMS=4"), ("-DNSTATE=2", "-DITEMS=4"),
                                   ("-DNSTATE=1", "-DITEMS=8"), ("-DNSTATE=1", "-DITEMS=2")])
 def test_ss2d_quad_cuda_ptx_has_no_local_memory_and_no_f64(opts):
