@@ -43,6 +43,37 @@ def rel_err(got, ref) -> float:
     return diff / scale
 
 
+def rel_err_scaled(got, ref, scale) -> float:
+    """``max|got - ref| / max|scale|``: the error of a sum with cancellation, measured against the
+    magnitude of its terms rather than of its (possibly tiny) value.
+
+    Rounding bounds the error of a computed sum ``sum_i t_i`` by about ``eps * sum_i |t_i|``,
+    so where the terms cancel (a gradient through a saturated softmax, say) ``rel_err`` would
+    ask for more digits than the inputs carry. ``scale`` is the same sums over absolute values
+    (same shape as ``ref``). NaN anywhere in ``got`` gives ``inf``.
+    """
+    got = _to_numpy(got).astype(np.float64)
+    ref = _to_numpy(ref).astype(np.float64)
+    scale = _to_numpy(scale).astype(np.float64)
+    if not got.shape == ref.shape == scale.shape:
+        raise ValueError(f"shape mismatch: got {got.shape}, ref {ref.shape}, scale {scale.shape}")
+    if got.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    diff = float(np.max(np.abs(got - ref)))
+    top = float(np.max(np.abs(scale)))
+    return diff / top if top > 0.0 else diff
+
+
+def assert_close_scaled(got, ref, scale, dtype, kind: str, name: str = "tensor") -> float:
+    """Assert ``rel_err_scaled(got, ref, scale) <= tolerance(dtype, kind)``; return the error."""
+    err = rel_err_scaled(got, ref, scale)
+    tol = tolerance(dtype, kind)
+    assert err <= tol, f"{name}: error {err:.3e} relative to its terms > {tol:.1e} ({_dtype_name(dtype)}, {kind})"
+    return err
+
+
 def assert_close(got, ref, dtype, kind: str, name: str = "tensor") -> float:
     """Assert ``rel_err(got, ref) <= tolerance(dtype, kind)``; return the error."""
     err = rel_err(got, ref)
