@@ -561,3 +561,51 @@ def test_gpu_dmca_fast_equals_dispatcher_bitwise(rng, version):
     for mode in ("verify", "1"):
         for a, b in zip(results["0"], results[mode]):
             np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. allocation helpers (empty_flat, empty_flats, as_array) with a stand-in context
+# ----------------------------------------------------------------------------------------
+class _StandInMemory:
+    def __init__(self, ptr, size):
+        self.device_pointer_value, self.size = ptr, size
+
+
+@pytest.fixture
+def stand_in_context(monkeypatch):
+    allocations = []
+
+    class Context:
+        def memalloc(self, nbytes):
+            mem = _StandInMemory(0x7000_0000 + 0x100_0000 * len(allocations), nbytes)
+            allocations.append(mem)
+            return mem
+
+    monkeypatch.setattr(L, "_fast_enabled", lambda: True)
+    monkeypatch.setattr(cuda, "current_context", lambda: Context(), raising=False)
+    return allocations
+
+
+def test_empty_flats_carves_aligned_pieces_from_one_allocation(stand_in_context):
+    views = L.empty_flats([5, 0, 64, 3], np.float32)
+    assert len(stand_in_context) == 1
+    mem = stand_in_context[0]
+    assert [v.size for v in views] == [5, 0, 64, 3]
+    assert all(v.owner is mem and v.dtype == np.float32 for v in views)
+    starts = [v.ptr - mem.device_pointer_value for v in views]
+    assert starts == [0, 256, 256, 512]                     # 256-byte aligned, in order
+    assert all(s + 4 * v.size <= mem.size for s, v in zip(starts, views))   # inside the allocation
+
+
+def test_as_array_shapes_a_whole_allocation_and_refuses_a_piece(stand_in_context, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(L, "_device_ndarray", lambda shape, strides, dtype, gpu_data: SimpleNamespace(
+        shape=shape, strides=strides, dtype=dtype, gpu_data=gpu_data))    # no DeviceNDArray in the simulator
+    whole = L.empty_flat(24, np.float32)
+    arr = L.as_array(whole, (2, 3, 4))
+    assert arr.shape == (2, 3, 4) and arr.strides == (48, 16, 4) and arr.gpu_data is whole.owner
+    piece = L.empty_flats([4, 4])[1]
+    with pytest.raises(ValueError, match="not a whole allocation"):
+        L.as_array(piece, (4,))
+    with pytest.raises(ValueError, match="not a whole allocation"):
+        L.as_array(whole, (5, 5))

@@ -56,7 +56,8 @@ import warnings
 import numpy as np
 from numba.core import types
 
-__all__ = ["launch", "flat", "FlatView", "pack_args", "array_field_names", "set_mode", "mode", "stats"]
+__all__ = ["launch", "flat", "FlatView", "empty_flat", "empty_flats", "as_array", "pack_args", "array_field_names",
+           "set_mode", "mode", "stats"]
 
 # Numba's ArrayModel members, in order (numba.core.datamodel / numba.cuda.models); checked
 # against the installed data model before the first fast launch (_check_numba_internals).
@@ -287,6 +288,69 @@ class FlatView:
 _DESCRIBERS[FlatView] = _describe_flat
 
 
+# ----------------------------------------------------------------------------------------
+# allocation without DeviceNDArray bookkeeping
+# ----------------------------------------------------------------------------------------
+# ``cuda.device_array`` resolves the current context twice (``require_context`` and the array's
+# own ``memalloc``) and builds a DeviceNDArray; a ``reshape`` builds another. With kernels of a
+# few tens of microseconds (the scan at L = 49, DMCA) that host work, ~10 us a context
+# resolution, is the call's time. Outputs and scratch therefore start as FlatViews over a raw
+# ``memalloc`` (one context resolution), and only the arrays handed back become DeviceNDArrays,
+# once, in their final shape (:func:`as_array`).
+_ALIGN = 256       # bytes: every piece of a shared allocation starts 16-byte (vector load) aligned
+
+
+def empty_flat(n, dtype=np.float32):
+    """A :class:`FlatView` over ``n`` fresh elements of ``dtype`` (fast path); a Numba device
+    array of shape ``(n,)`` when the fast path is off, as before."""
+    from numba import cuda
+    dtype = np.dtype(dtype)
+    n = int(n)
+    if not _fast_enabled() or n == 0:
+        return cuda.device_array(n, dtype)
+    mem = cuda.current_context().memalloc(n * dtype.itemsize)
+    return FlatView(mem, mem.device_pointer_value or 0, n, dtype)
+
+
+def empty_flats(sizes, dtype=np.float32):
+    """FlatViews of ``sizes`` elements, all carved from ONE allocation (each piece 256-byte
+    aligned): scratch buffers of one call for the price of one allocation. Fast path off:
+    one device array each."""
+    from numba import cuda
+    dtype = np.dtype(dtype)
+    sizes = [int(n) for n in sizes]
+    if not _fast_enabled():
+        return [cuda.device_array(n, dtype) for n in sizes]
+    step = _ALIGN // dtype.itemsize
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += (n + step - 1) // step * step
+    mem = cuda.current_context().memalloc(max(total, 1) * dtype.itemsize)
+    base = mem.device_pointer_value or 0
+    return [FlatView(mem, base + off * dtype.itemsize, n, dtype) for off, n in zip(offsets, sizes)]
+
+
+def as_array(x, shape):
+    """The device array ``x`` (a whole :func:`empty_flat` allocation or any Numba device array)
+    as a C-contiguous Numba DeviceNDArray of ``shape`` (same elements)."""
+    shape = tuple(int(s) for s in shape)
+    if isinstance(x, FlatView):
+        owner = x.owner
+        if getattr(owner, "__cuda_memory__", False):        # a flat() of a Numba array
+            return owner.reshape(shape)
+        if int(np.prod(shape)) != x.size or (owner.device_pointer_value or 0) != x.ptr:
+            raise ValueError(f"as_array: {x!r} is not a whole allocation of shape {shape}")
+        return _device_ndarray(shape, _c_strides(shape, x.dtype.itemsize), x.dtype, owner)
+    return x if tuple(x.shape) == shape else x.reshape(shape)
+
+
+def _device_ndarray(shape, strides, dtype, gpu_data):
+    """Numba's DeviceNDArray around existing memory (no allocation, no context lookup)."""
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return DeviceNDArray(shape, strides, dtype, gpu_data=gpu_data)
+
+
 def flat(x):
     """A 1-D view of the C-contiguous device array ``x`` for a kernel argument.
 
@@ -295,6 +359,8 @@ def flat(x):
     before. ``x`` is a Numba device array, or anything ``numba.cuda.as_cuda_array`` takes."""
     if not _fast_enabled():
         return x.reshape(int(np.prod(x.shape)))
+    if isinstance(x, FlatView):
+        return x
     if not getattr(x, "__cuda_memory__", False):
         from numba import cuda
         x = cuda.as_cuda_array(x)

@@ -32,7 +32,7 @@ import os
 import numpy as np
 from numba import cuda
 
-from ._launch import flat, launch
+from ._launch import as_array, empty_flat, flat, launch
 
 __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
@@ -956,7 +956,8 @@ def _device(name, x, ndim):
 
 
 def _empty(shape, dtype):
-    return cuda.device_array(tuple(int(s) for s in shape), dtype=dtype)
+    """A fresh C-contiguous device array (one context lookup: see _launch.empty_flat)."""
+    return as_array(empty_flat(int(np.prod(shape)), dtype), shape)
 
 
 def _wrap(arr, like_cupy):
@@ -1217,7 +1218,7 @@ def _dmca_bwd(version, dout, cache):
     BG = B * G
     alpha = 1.0 / math.sqrt(Ls)
     dq, dk, dv = _empty(q.shape, dt), _empty(k.shape, dt), _empty(v.shape, dt)
-    dS = _empty((B, G, g, g), dt)
+    dS = empty_flat(B * G * g * g, dt)      # internal only: a FlatView, never a DeviceNDArray
     _bmm(version, dt, attn, dout, dv, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
     _bmm(version, dt, dout, v, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)
     _softmax_bwd_rows(dt, attn, dS, BG * g, g, kernel=_softmax_kernel("softmax_bwd_rows", version))

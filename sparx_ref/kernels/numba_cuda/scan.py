@@ -18,8 +18,8 @@ import math
 import numpy as np
 from numba import config, cuda, float32
 
+from ._launch import as_array, empty_flat, empty_flats, launch
 from ._launch import flat as flat_view
-from ._launch import launch
 
 from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
                             scan_cache, scan_shapes, ss2d_shapes)
@@ -1288,16 +1288,29 @@ def _flat(x):
     return flat_view(a)   # a light 1-D view (see _launch.flat): no Numba reshape per call
 
 
-def _empty(shape):
-    n = int(np.prod(shape))
-    out = cuda.device_array(n, np.float32)
+def _poison(*bufs):
+    """Fill fresh outputs with NaN while poison_outputs() is on (tests: unwritten elements fail)."""
     if poisoning():
-        launch(_fill, (n + 255) // 256, 256, out, f32(np.nan), np.int32(n))
+        for buf in bufs:
+            launch(_fill, (buf.size + 255) // 256, 256, buf, f32(np.nan), np.int32(buf.size))
+    return bufs
+
+
+def _empty(shape):
+    """A fresh flat float32 buffer of prod(shape) elements (a FlatView on the fast path; see
+    _launch.empty_flat), NaN-poisoned under poison_outputs(); _wrap gives it its shape."""
+    out = empty_flat(int(np.prod(shape)), np.float32)
+    _poison(out)
     return out
 
 
+def _scratch(*sizes):
+    """Flat float32 buffers a call needs only internally, all from one allocation."""
+    return _poison(*empty_flats(sizes, np.float32))
+
+
 def _zeros(n):
-    out = cuda.device_array(n, np.float32)
+    out = empty_flat(n, np.float32)
     launch(_fill, (n + 255) // 256, 256, out, f32(0.0), np.int32(n))
     return out
 
@@ -1307,8 +1320,8 @@ def _or_zeros(v, n):
 
 
 def _wrap(flat, shape, like):
-    """Reshape a flat output; hand back CuPy when the caller gave CuPy."""
-    out = flat.reshape(shape)
+    """A flat output as an array of ``shape``; CuPy when the caller gave CuPy."""
+    out = as_array(flat, shape)
     if type(like).__module__.split(".")[0] == "cupy":
         import cupy
         return cupy.asarray(out)
@@ -1393,10 +1406,10 @@ def selective_scan_bwd_vec(dy, cache):
     D, bias = cache["D"], cache["delta_bias"]
     ins = [_flat(cache[name]) for name in ("u", "delta", "A", "B", "C")]
     dyd = _flat(dy)
-    hstart = cuda.device_array(batch * KD * nrounds * N, np.float32)
     du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
-    partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
-    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    hstart, partB, partC, partA, partD, partbias = _scratch(
+        batch * KD * nrounds * N, batch * K * nblk * N * L, batch * K * nblk * N * L, batch * KD * N, batch * KD,
+        batch * KD)
     vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
     shared = slots * 2 * N * seg * items * 4
     launch(_build_vec(N, seg, items, vec, nrounds == 1)["scan_bwd_vec"], (nblk, K, batch), 32 * warps,
@@ -1413,10 +1426,10 @@ def selective_scan_bwd(dy, cache):
     nblk = (Dg + BWD_WARPS - 1) // BWD_WARPS
     nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
     D, bias = cache["D"], cache["delta_bias"]
-    hstart = cuda.device_array(batch * KD * nrounds * N, np.float32)
     du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
-    partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
-    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    hstart, partB, partC, partA, partD, partbias = _scratch(
+        batch * KD * nrounds * N, batch * K * nblk * N * L, batch * K * nblk * N * L, batch * KD * N, batch * KD,
+        batch * KD)
     shared = BWD_WARPS * 2 * BWD_CHUNKS * 32 * N * 4
     launch(_build(N, BWD_CHUNKS)["scan_bwd_warp"], (nblk, K, batch), 32 * BWD_WARPS,
         _flat(cache["u"]), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]), _flat(cache["C"]),
@@ -1546,10 +1559,9 @@ def ss2d_scan_bwd(dy, cache):
     KD, L = K_DIRECTIONS * Di, H * W
     nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
     D, bias = cache["D"], cache["delta_bias"]
-    hstart = cuda.device_array(batch * KD * nrounds * N, np.float32)
     dx, ddelta = _empty((batch, Di, H, W)), _empty((batch, KD, L))
     dB, dC = _zeros(batch * K_DIRECTIONS * N * L), _zeros(batch * K_DIRECTIONS * N * L)
-    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
+    hstart, partA, partD, partbias = _scratch(batch * KD * nrounds * N, batch * KD * N, batch * KD, batch * KD)
     launch(_build(N, BWD_CHUNKS)["ss2d_bwd_fused"], batch * Di, 64,
         _flat(cache["u"]), _flat(dy), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]),
         _flat(cache["C"]), _or_zeros(D, KD), _or_zeros(bias, KD), hstart, dx, ddelta, dB, dC, partA, partD,
