@@ -567,6 +567,8 @@ def test_gpu_dmca_fast_equals_dispatcher_bitwise(rng, version):
 # 4. allocation helpers (empty_flat, empty_flats, as_array) with a stand-in context
 # ----------------------------------------------------------------------------------------
 class _StandInMemory:
+    __cuda_memory__ = True          # as Numba's MemoryPointer: marked, but not an array (no reshape)
+
     def __init__(self, ptr, size):
         self.device_pointer_value, self.size = ptr, size
 
@@ -604,6 +606,7 @@ def test_as_array_shapes_a_whole_allocation_and_refuses_a_piece(stand_in_context
     whole = L.empty_flat(24, np.float32)
     arr = L.as_array(whole, (2, 3, 4))
     assert arr.shape == (2, 3, 4) and arr.strides == (48, 16, 4) and arr.gpu_data is whole.owner
+    assert whole.as_device_array() is whole      # the dispatcher path takes raw memory through the CAI
     piece = L.empty_flats([4, 4])[1]
     with pytest.raises(ValueError, match="not a whole allocation"):
         L.as_array(piece, (4,))

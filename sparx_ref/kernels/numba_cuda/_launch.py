@@ -249,6 +249,11 @@ def _scalar(a, launch_stream):
 _DESCRIBERS: dict = {bool: _scalar, int: _scalar, float: _scalar}
 
 
+def _is_numba_array(obj):
+    """A Numba device array (not a bare MemoryPointer: both carry ``__cuda_memory__``)."""
+    return getattr(obj, "__cuda_memory__", False) and hasattr(obj, "reshape")
+
+
 class FlatView:
     """A flat (1-D, C-contiguous) view of a C-contiguous device array, without the cost of a
     Numba ``DeviceNDArray.reshape`` (~10 us). Holds the array it views (``owner``) so the
@@ -272,9 +277,9 @@ class FlatView:
     def as_device_array(self):
         """This view as a Numba ``DeviceNDArray`` (``owner.reshape(size)``, what Numba code passed
         before): what the dispatcher path and verify mode get, so they run as they always did."""
-        if getattr(self.owner, "__cuda_memory__", False):
+        if _is_numba_array(self.owner):
             return self.owner.reshape(self.size)
-        return self          # not a Numba array: Numba takes the view through __cuda_array_interface__
+        return self          # raw memory or a foreign array: Numba takes the view through __cuda_array_interface__
 
     @property
     def __cuda_array_interface__(self):
@@ -337,7 +342,7 @@ def as_array(x, shape):
     shape = tuple(int(s) for s in shape)
     if isinstance(x, FlatView):
         owner = x.owner
-        if getattr(owner, "__cuda_memory__", False):        # a flat() of a Numba array
+        if _is_numba_array(owner):                           # a flat() of a Numba array
             return owner.reshape(shape)
         if int(np.prod(shape)) != x.size or (owner.device_pointer_value or 0) != x.ptr:
             raise ValueError(f"as_array: {x!r} is not a whole allocation of shape {shape}")
