@@ -397,13 +397,21 @@ __global__ void scan_bwd_warp(const float* u, const float* delta, const float* A
 }
 
 // out[o, i] = sum_p in[o, p, i] (in order p = 0, 1, ...: deterministic).
-__global__ void sum_middle(const float* in, float* out, int outer, int P, int inner) {
+__global__ void sum_middle(const float* in0, float* out0, const float* in1, float* out1,
+                           const float* in2, float* out2, int n, int outer, int P, int inner) {
+    // out_j[o*inner + i] = sum_{p<P} in_j[(o*P + p)*inner + i], p in order (deterministic), for
+    // the n <= 3 pairs (in_j, out_j) sharing (outer, P, inner): several parameter sums, one launch.
+    const long long per = (long long)outer * inner;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)outer * inner) return;
-    long long o = idx / inner, i = idx % inner;
+    if (idx >= n * per) return;
+    const int j = (int)(idx / per);
+    const long long e = idx - j * per;
+    const float* in = j == 0 ? in0 : (j == 1 ? in1 : in2);
+    float* out = j == 0 ? out0 : (j == 1 ? out1 : out2);
+    long long o = e / inner, i = e % inner;
     float s = 0.f;
     for (int p = 0; p < P; ++p) s += in[(o * P + p) * inner + i];
-    out[idx] = s;
+    out[e] = s;
 }
 
 // cross scan, "naive": one thread per map element, writing its four copies. Directions 1 and 3
@@ -1061,11 +1069,32 @@ def _i(v):
     return np.int32(v)
 
 
-def _sum_middle(part, outer, P, inner):
-    out = _empty((outer * inner,))
-    k = _kernel("sum_middle")
-    total = outer * inner
-    k(((total + 255) // 256,), (256,), (part, out, _i(outer), _i(P), _i(inner)))
+def _sum_middle(parts, outer, P, inner):
+    """[out_j (outer*inner,)]: out_j[o*inner + i] = sum_p parts[j][(o*P + p)*inner + i] for up to
+    three partial arrays of the same layout, in one launch."""
+    if not parts:
+        return []
+    outs = [_empty((outer * inner,)) for _ in parts]
+    pad = [parts[0], outs[0]] * (3 - len(parts))          # unused slots: never read or written
+    args = [a for pair in zip(parts, outs) for a in pair] + pad
+    total = len(parts) * outer * inner
+    _kernel("sum_middle")(((total + 255) // 256,), (256,),
+                          (*args, _i(len(parts)), _i(outer), _i(P), _i(inner)))
+    return outs
+
+
+def _batch_sums(partA, partD, partbias, batch, KD, N, D, bias):
+    """{"A": (KD, N), "D": (KD,) or None, "delta_bias": (KD,) or None}: the per-(batch, channel)
+    partials summed over the batch, in one launch when N = 1 (all three have KD*N columns)."""
+    per_channel = [(name, part) for name, part, given in (("D", partD, D), ("delta_bias", partbias, bias))
+                   if given is not None]
+    if N == 1:
+        dA, *rest = _sum_middle([partA] + [p for _, p in per_channel], 1, batch, KD)
+    else:
+        dA, = _sum_middle([partA], 1, batch, KD * N)
+        rest = _sum_middle([p for _, p in per_channel], 1, batch, KD)
+    out = {"A": dA.reshape(KD, N), "D": None, "delta_bias": None}
+    out.update({name: r.reshape(KD) for (name, _), r in zip(per_channel, rest)})
     return out
 
 
@@ -1097,12 +1126,9 @@ def _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, shape, nblk, D
     """The backward's gradient dict: du, ddelta as written; dA, dD, ddelta_bias summed over the
     batch and dB, dC over the nblk channel blocks of each group (sum_middle, fixed order)."""
     batch, KD, L, K, N = shape
-    return {"u": du, "delta": ddelta,
-            "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
-            "B": _sum_middle(partB, batch * K, nblk, N * L).reshape(batch, K, N, L),
-            "C": _sum_middle(partC, batch * K, nblk, N * L).reshape(batch, K, N, L),
-            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
-            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}
+    dB, dC = _sum_middle([partB, partC], batch * K, nblk, N * L)
+    return {"u": du, "delta": ddelta, "B": dB.reshape(batch, K, N, L), "C": dC.reshape(batch, K, N, L),
+            **_batch_sums(partA, partD, partbias, batch, KD, N, D, bias)}
 
 
 def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
@@ -1302,7 +1328,5 @@ def ss2d_scan_bwd(dy, cache):
        _dev(cache["C"]), _or_zeros(D, KD), _or_zeros(bias, KD), hstart, dx, ddelta, dB, dC, partA,
        partD, partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"]))),
       shared_mem=shared)
-    return {"x": dx, "delta": ddelta, "A": _sum_middle(partA, 1, batch, KD * N).reshape(KD, N),
-            "B": dB, "C": dC,
-            "D": None if D is None else _sum_middle(partD, 1, batch, KD).reshape(KD),
-            "delta_bias": None if bias is None else _sum_middle(partbias, 1, batch, KD).reshape(KD)}
+    return {"x": dx, "delta": ddelta, "B": dB, "C": dC,
+            **_batch_sums(partA, partD, partbias, batch, KD, N, D, bias)}

@@ -1024,16 +1024,22 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
 # ---------------------------------------------------------------------------------------
 # kernels that do not depend on d_state
 # ---------------------------------------------------------------------------------------
-def _sum_middle_py(inp, out, outer, P, inner):
-    """out[o, i] = sum_p inp[o, p, i], p in order (deterministic)."""
+def _sum_middle_py(in0, out0, in1, out1, in2, out2, n, outer, P, inner):
+    """out_j[o, i] = sum_p in_j[o, p, i], p in order (deterministic), for the n <= 3 pairs
+    (in_j, out_j) sharing (outer, P, inner): several parameter sums, one launch."""
     idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if idx < outer * inner:
-        o = idx // inner
-        i = idx % inner
+    per = outer * inner
+    if idx < n * per:
+        j = idx // per
+        e = idx - j * per
+        inp = in0 if j == 0 else (in1 if j == 1 else in2)
+        out = out0 if j == 0 else (out1 if j == 1 else out2)
+        o = e // inner
+        i = e - o * inner
         s = f32(0.0)
         for p in range(P):
             s += inp[(o * P + p) * inner + i]
-        out[idx] = s
+        out[e] = s
 
 
 def _fill_py(out, value, n):
@@ -1241,7 +1247,7 @@ def _sig(n_arrays, n_ints):
 
 
 PTX_KERNELS = [
-    ("sum_middle", _sum_middle_py, _sig(2, 3)),
+    ("sum_middle", _sum_middle_py, _sig(6, 4)),
     ("fill", _fill_py, "void(float32[::1], float32, int32)"),
     ("cross_scan_naive", _cross_scan_naive_py, _sig(2, 4)),
     ("cross_scan_tiled", _cross_scan_tiled_py, _sig(2, 4)),
@@ -1332,9 +1338,34 @@ def _i(v):
     return np.int32(v)
 
 
-def _sum(part, outer, P, inner):
-    out = _empty((outer * inner,))
-    launch(_sum_middle, (outer * inner + 255) // 256, 256, part, out, _i(outer), _i(P), _i(inner))
+def _sum(parts, outer, P, inner):
+    """[flat out_j]: the partial arrays `parts` (up to three, same layout) summed over their
+    middle axis of P, in one launch (see _sum_middle_py)."""
+    if not parts:
+        return []
+    outs = [_empty((outer * inner,)) for _ in parts]
+    pad = [parts[0], outs[0]] * (3 - len(parts))          # unused slots: never read or written
+    args = [a for pair in zip(parts, outs) for a in pair] + pad
+    total = len(parts) * outer * inner
+    launch(_sum_middle, (total + 255) // 256, 256, *args, _i(len(parts)), _i(outer), _i(P), _i(inner))
+    return outs
+
+
+def _batch_sums(partA, partD, partbias, cache):
+    """{"A", "D", "delta_bias"}: the per-(batch, channel) partials summed over the batch (None
+    for a parameter the forward did not get); one launch when N = 1."""
+    batch, N = cache["shape"][0], cache["shape"][-1]
+    KD = partD.size // batch
+    like = cache["u"]
+    per_channel = [(name, part) for name, part in (("D", partD), ("delta_bias", partbias))
+                   if cache[name] is not None]
+    if N == 1:
+        dA, *rest = _sum([partA] + [p for _, p in per_channel], 1, batch, KD)
+    else:
+        dA, = _sum([partA], 1, batch, KD * N)
+        rest = _sum([p for _, p in per_channel], 1, batch, KD)
+    out = {"A": _wrap(dA, (KD, N), like), "D": None, "delta_bias": None}
+    out.update({name: _wrap(r, (KD,), like) for (name, _), r in zip(per_channel, rest)})
     return out
 
 
@@ -1363,14 +1394,11 @@ def _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk):
     """The backward's gradient dict: du, ddelta as written; dA, dD, ddelta_bias summed over the
     batch and dB, dC over the nblk channel blocks of each group (sum_middle, fixed order)."""
     batch, KD, L, K, N = cache["shape"]
-    D, bias = cache["D"], cache["delta_bias"]
     like = cache["u"]
+    dB, dC = _sum([partB, partC], batch * K, nblk, N * L)
     return {"u": _wrap(du, (batch, KD, L), like), "delta": _wrap(ddelta, (batch, KD, L), like),
-            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
-            "B": _wrap(_sum(partB, batch * K, nblk, N * L), (batch, K, N, L), like),
-            "C": _wrap(_sum(partC, batch * K, nblk, N * L), (batch, K, N, L), like),
-            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
-            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
+            "B": _wrap(dB, (batch, K, N, L), like), "C": _wrap(dC, (batch, K, N, L), like),
+            **_batch_sums(partA, partD, partbias, cache)}
 
 
 def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
@@ -1569,7 +1597,5 @@ def ss2d_scan_bwd(dy, cache):
         deterministic=False)   # dB, dC are atomicAdd sums
     like = cache["u"]
     return {"x": _wrap(dx, (batch, Di, H, W), like), "delta": _wrap(ddelta, (batch, KD, L), like),
-            "A": _wrap(_sum(partA, 1, batch, KD * N), (KD, N), like),
             "B": _wrap(dB, (batch, K_DIRECTIONS, N, L), like), "C": _wrap(dC, (batch, K_DIRECTIONS, N, L), like),
-            "D": None if D is None else _wrap(_sum(partD, 1, batch, KD), (KD,), like),
-            "delta_bias": None if bias is None else _wrap(_sum(partbias, 1, batch, KD), (KD,), like)}
+            **_batch_sums(partA, partD, partbias, cache)}
