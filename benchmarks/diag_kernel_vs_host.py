@@ -165,6 +165,7 @@ def main(argv=None):
             prof.disable()
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
             print(f"# cProfile, 200 calls of {case} {impl}:\n" + out.getvalue(), flush=True)
     print(common.fmt_table(["case", "impl", "event ms", "kernel ms", "kernels/call", "host ms"], rows))
 
