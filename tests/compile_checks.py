@@ -128,6 +128,26 @@ def test_numba_dmca_unsigned_kernels_have_no_wraparound_fixups(kernel):
         assert len(unsigned.splitlines()) < len(signed.splitlines()) * 0.7          # ~0.53 (numba 0.68)
 
 
+# --- Numba window attention "static_unsigned" (same file): the static kernels with uint64 indices.
+# Signed, every shared-memory read of a 4x4 score / output tile carries the wrap-around fix-up (the
+# tile's rows and columns come out of a local array, so Numba cannot prove them >= 0).
+@pytest.mark.parametrize("kernel", ["window_fwd_static", "window_bwd_static"])
+def test_numba_window_static_unsigned_kernels_have_no_wraparound_fixups(kernel):
+    from numba import cuda
+    from sparx_ref.kernels.numba_cuda.attention import PTX_KERNELS
+    ptx = {name: cuda.compile_ptx(fn, sig, cc=(9, 0))[0] for name, fn, sig in PTX_KERNELS
+           if name in (f"{kernel}_float32", f"{kernel}_unsigned_float32")}
+    signed, unsigned = ptx[f"{kernel}_float32"], ptx[f"{kernel}_unsigned_float32"]
+    assert "shr.s64" in signed and "shr.s64" not in unsigned and ".f64" not in unsigned
+    assert ".local" not in unsigned             # the register tiles stay in registers
+    # the first tile loop (scores q k^T / dP = dout v^T): 57 vs 157 instructions (numba 0.68)
+    inner = _ptx_loop_around_first(unsigned, "fma.rn.f32")
+    inner_signed = _ptx_loop_around_first(signed, "fma.rn.f32")
+    assert sum(ln.startswith("fma.rn.f32") for ln in inner) == sum(ln.startswith("fma.rn.f32") for ln in inner_signed)
+    assert len(inner) < len(inner_signed) / 2, (len(inner), len(inner_signed))
+    assert len(unsigned.splitlines()) < len(signed.splitlines()) * 0.6          # ~0.45 (numba 0.68)
+
+
 @pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DITEMS=4"), ("-DNSTATE=2", "-DITEMS=4"),
                                   ("-DNSTATE=1", "-DITEMS=8"), ("-DNSTATE=1", "-DITEMS=2")])
 def test_ss2d_quad_cuda_ptx_has_no_local_memory_and_no_f64(opts):
