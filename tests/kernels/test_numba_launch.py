@@ -569,8 +569,11 @@ def test_gpu_dmca_fast_equals_dispatcher_bitwise(rng, version):
 class _StandInMemory:
     __cuda_memory__ = True          # as Numba's MemoryPointer: marked, but not an array (no reshape)
 
-    def __init__(self, ptr, size):
-        self.device_pointer_value, self.size = ptr, size
+    def __init__(self, ptr, size, parent=None):
+        self.device_pointer_value, self.size, self.parent = ptr, size, parent
+
+    def view(self, start, stop):
+        return _StandInMemory(self.device_pointer_value + start, stop - start, parent=self)
 
 
 @pytest.fixture
@@ -607,8 +610,12 @@ def test_as_array_shapes_a_whole_allocation_and_refuses_a_piece(stand_in_context
     arr = L.as_array(whole, (2, 3, 4))
     assert arr.shape == (2, 3, 4) and arr.strides == (48, 16, 4) and arr.gpu_data is whole.owner
     assert whole.as_device_array() is whole      # the dispatcher path takes raw memory through the CAI
-    piece = L.empty_flats([4, 4])[1]
-    with pytest.raises(ValueError, match="not a whole allocation"):
-        L.as_array(piece, (4,))
-    with pytest.raises(ValueError, match="not a whole allocation"):
-        L.as_array(whole, (5, 5))
+    first, piece = L.empty_flats([4, 6])
+    arr = L.as_array(piece, (2, 3))                # a piece: a view of the shared allocation
+    assert arr.gpu_data.parent is piece.owner and arr.gpu_data.device_pointer_value == piece.ptr
+    assert arr.gpu_data.size == 24 and arr.strides == (12, 4)
+    with pytest.raises(ValueError, match="has 6 elements, not the 25"):
+        L.as_array(piece, (5, 5))
+    outside = L.FlatView(first.owner, first.ptr + 500, 4, np.float32)   # the allocation is 512 bytes
+    with pytest.raises(ValueError, match="outside its allocation"):
+        L.as_array(outside, (4,))

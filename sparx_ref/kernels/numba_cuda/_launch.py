@@ -50,6 +50,7 @@ default (1) with a stream-0 launch. Otherwise the dispatcher call does Numba's h
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -337,16 +338,22 @@ def empty_flats(sizes, dtype=np.float32):
 
 
 def as_array(x, shape):
-    """The device array ``x`` (a whole :func:`empty_flat` allocation or any Numba device array)
-    as a C-contiguous Numba DeviceNDArray of ``shape`` (same elements)."""
+    """The device array ``x`` (a FlatView of :func:`empty_flat` / :func:`empty_flats`, or any
+    Numba device array) as a C-contiguous Numba DeviceNDArray of ``shape`` (same elements; a
+    piece of a shared allocation keeps the whole allocation alive)."""
     shape = tuple(int(s) for s in shape)
     if isinstance(x, FlatView):
         owner = x.owner
         if _is_numba_array(owner):                           # a flat() of a Numba array
             return owner.reshape(shape)
-        if int(np.prod(shape)) != x.size or (owner.device_pointer_value or 0) != x.ptr:
-            raise ValueError(f"as_array: {x!r} is not a whole allocation of shape {shape}")
-        return _device_ndarray(shape, _c_strides(shape, x.dtype.itemsize), x.dtype, owner)
+        if math.prod(shape) != x.size:
+            raise ValueError(f"as_array: {x!r} has {x.size} elements, not the {math.prod(shape)} of shape {shape}")
+        start = x.ptr - (owner.device_pointer_value or 0)
+        nbytes = x.size * x.dtype.itemsize
+        if start < 0 or start + nbytes > owner.size:
+            raise ValueError(f"as_array: {x!r} lies outside its allocation")
+        mem = owner if start == 0 and nbytes == owner.size else owner.view(start, start + nbytes)
+        return _device_ndarray(shape, _c_strides(shape, x.dtype.itemsize), x.dtype, mem)
     return x if tuple(x.shape) == shape else x.reshape(shape)
 
 
@@ -363,7 +370,7 @@ def flat(x):
     ``SPARX_REF_NUMBA_FAST_LAUNCH=0``): ``x.reshape(x.size)``, exactly what Numba code did
     before. ``x`` is a Numba device array, or anything ``numba.cuda.as_cuda_array`` takes."""
     if not _fast_enabled():
-        return x.reshape(int(np.prod(x.shape)))
+        return x.reshape(math.prod(x.shape))
     if isinstance(x, FlatView):
         return x
     if not getattr(x, "__cuda_memory__", False):

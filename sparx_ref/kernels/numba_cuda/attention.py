@@ -33,7 +33,7 @@ import os
 import numpy as np
 from numba import cuda
 
-from ._launch import as_array, empty_flat, flat, launch
+from ._launch import as_array, empty_flat, empty_flats, flat, launch
 
 __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
@@ -1271,7 +1271,13 @@ def _device(name, x, ndim):
 
 def _empty(shape, dtype):
     """A fresh C-contiguous device array (one context lookup: see _launch.empty_flat)."""
-    return as_array(empty_flat(int(np.prod(shape)), dtype), shape)
+    return as_array(empty_flat(math.prod(shape), dtype), shape)
+
+
+def _empties(shapes, dtype):
+    """Fresh C-contiguous device arrays of ``shapes`` carved from one allocation (the outputs of
+    one call: one context lookup and one allocation instead of one each)."""
+    return [as_array(v, shape) for v, shape in zip(empty_flats([math.prod(s) for s in shapes], dtype), shapes)]
 
 
 def _wrap(arr, like_cupy):
@@ -1362,8 +1368,7 @@ def _window_inputs(q, k, v, bias, mask, scale):
 
 def _window_fwd(version, q, k, v, bias, mask, scale):
     q, k, v, bias, mask, scale, dt, like_cupy, (Bw, nH, N, hd, nW) = _window_inputs(q, k, v, bias, mask, scale)
-    out = _empty(q.shape, dt)
-    probs = _empty((Bw, nH, N, N), dt)
+    out, probs = _empties([q.shape, (Bw, nH, N, N)], dt)
     static = version in ("static", "static_unsigned")
     SDC = _static_chunk(N, hd, dt.itemsize, 1) if static else None
     DC = _fused_chunk(N, dt.itemsize, 1) if static or version == "fused" else None
@@ -1398,8 +1403,7 @@ def _window_bwd(version, dout, cache):
         raise TypeError(f"dout must have dtype {dt} (like the forward inputs), got {dout.dtype}")
     _shape("dout", dout, q.shape)
     Bw, nH, N, hd = (int(s) for s in q.shape)
-    dq, dk, dv = _empty(q.shape, dt), _empty(q.shape, dt), _empty(q.shape, dt)
-    dbias = _empty((nH, N, N), dt)
+    dq, dk, dv, dbias = _empties([q.shape, q.shape, q.shape, (nH, N, N)], dt)
     static = version in ("static", "static_unsigned")
     SDC = _static_chunk(N, hd, dt.itemsize, 2) if static else None
     DC = _fused_chunk(N, dt.itemsize, 2) if static or version == "fused" else None
@@ -1520,8 +1524,7 @@ def _dmca_fwd(version, q, k, v, groups):
     q, k, v, G, dt, like_cupy, (B, C, Ls, L) = _dmca_inputs(q, k, v, groups)
     g = C // G
     BG = B * G
-    attn = _empty((B, G, g, g), dt)
-    out = _empty((B, C, L), dt)
+    attn, out = _empties([(B, G, g, g), (B, C, L)], dt)
     alpha = 1.0 / math.sqrt(Ls)
     _bmm(version, dt, q, k, attn, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
     _softmax_rows(dt, attn, BG * g, g, kernel=_softmax_kernel("softmax_rows", version))
@@ -1544,7 +1547,7 @@ def _dmca_bwd(version, dout, cache):
     g = C // G
     BG = B * G
     alpha = 1.0 / math.sqrt(Ls)
-    dq, dk, dv = _empty(q.shape, dt), _empty(k.shape, dt), _empty(v.shape, dt)
+    dq, dk, dv = _empties([q.shape, k.shape, v.shape], dt)
     dS = empty_flat(B * G * g * g, dt)      # internal only: a FlatView, never a DeviceNDArray
     _bmm(version, dt, attn, dout, dv, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
     _bmm(version, dt, dout, v, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)

@@ -1305,13 +1305,19 @@ def _poison(*bufs):
 def _empty(shape):
     """A fresh flat float32 buffer of prod(shape) elements (a FlatView on the fast path; see
     _launch.empty_flat), NaN-poisoned under poison_outputs(); _wrap gives it its shape."""
-    out = empty_flat(int(np.prod(shape)), np.float32)
+    out = empty_flat(math.prod(shape), np.float32)
     _poison(out)
     return out
 
 
 def _scratch(*sizes):
     """Flat float32 buffers a call needs only internally, all from one allocation."""
+    return _poison(*empty_flats(sizes, np.float32))
+
+
+def _outputs(*sizes):
+    """Fresh flat float32 outputs of one call, from one allocation (_wrap shapes each one);
+    NaN-poisoned under poison_outputs()."""
     return _poison(*empty_flats(sizes, np.float32))
 
 
@@ -1340,10 +1346,10 @@ def _i(v):
 
 def _sum(parts, outer, P, inner):
     """[flat out_j]: the partial arrays `parts` (up to three, same layout) summed over their
-    middle axis of P, in one launch (see _sum_middle_py)."""
+    middle axis of P, in one launch (see _sum_middle_py); the outputs share one allocation."""
     if not parts:
         return []
-    outs = [_empty((outer * inner,)) for _ in parts]
+    outs = _outputs(*[outer * inner] * len(parts))
     pad = [parts[0], outs[0]] * (3 - len(parts))          # unused slots: never read or written
     args = [a for pair in zip(parts, outs) for a in pair] + pad
     total = len(parts) * outer * inner
@@ -1434,7 +1440,7 @@ def selective_scan_bwd_vec(dy, cache):
     D, bias = cache["D"], cache["delta_bias"]
     ins = [_flat(cache[name]) for name in ("u", "delta", "A", "B", "C")]
     dyd = _flat(dy)
-    du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
+    du, ddelta = _outputs(batch * KD * L, batch * KD * L)
     hstart, partB, partC, partA, partD, partbias = _scratch(
         batch * KD * nrounds * N, batch * K * nblk * N * L, batch * K * nblk * N * L, batch * KD * N, batch * KD,
         batch * KD)
@@ -1454,7 +1460,7 @@ def selective_scan_bwd(dy, cache):
     nblk = (Dg + BWD_WARPS - 1) // BWD_WARPS
     nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
     D, bias = cache["D"], cache["delta_bias"]
-    du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
+    du, ddelta = _outputs(batch * KD * L, batch * KD * L)
     hstart, partB, partC, partA, partD, partbias = _scratch(
         batch * KD * nrounds * N, batch * K * nblk * N * L, batch * K * nblk * N * L, batch * KD * N, batch * KD,
         batch * KD)
