@@ -112,28 +112,29 @@ _TABLE: list[Entry] = [
           "the tiled kernel with unsigned 64-bit indices: no per-access negative-index fix-ups"),
     # --- attention kernels (issue: attention kernels) ---------------------------------
     # CuPy's default window kernels are the per-shape "static" ones (fwd+bwd 1.09 ms vs 2.10 ms
-    # fused, H200 2026-11-27; NVRTC compiles a shape in well under a second). Numba's default
-    # stays "fused": its static rung is only ~13% faster but costs ~20 s of JIT per shape.
+    # fused, H200 2026-11-27; NVRTC compiles a shape in well under a second). Numba's default is
+    # "static_unsigned" (H200 2026-11-27 04:24: fwd+bwd 1.23 ms vs fused 4.81, static 4.17, CuPy
+    # 1.08): the per-shape JIT is paid once per (N, head dim, dtype) and process.
     Entry("window_attention_fwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element, intermediates in device memory"),
-    Entry("window_attention_fwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_fused", True,
+    Entry("window_attention_fwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_fused", False,
           "one block per (window, head): N x N scores in shared memory, fused bias+mask+softmax+P v, 4x4 register tiles"),
     Entry("window_attention_fwd", "numba_cuda", "static", "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_static", False,
           "the fused kernel compiled per (N, hd): constant loop bounds unrolled, score tiles in registers"),
     # Numba only: the static kernels with unsigned indices (the DMCA "tiled_unsigned" idea). PTX at
-    # Swin-T stage 0 (N 49, hd 32): tile loop 157 -> 57 instructions, kernels 0.45x. Not yet timed;
-    # whether it (or static at all, ~20 s of JIT per shape) should be the default is for a GPU run.
+    # Swin-T stage 0 (N 49, hd 32): tile loop 157 -> 57 instructions, kernels 0.45x; 3.4x faster
+    # than the signed static rung on the H200.
     Entry("window_attention_fwd", "numba_cuda", "static_unsigned",
-          "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_static_unsigned", False,
+          "sparx_ref.kernels.numba_cuda.attention:window_attention_fwd_static_unsigned", True,
           "the static kernel with unsigned 64-bit indices: no per-access negative-index fix-ups"),
     Entry("window_attention_bwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_naive", False,
           "explicit backward: one thread per gradient element, dS through device memory, dbias by a column sum"),
-    Entry("window_attention_bwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_fused", True,
+    Entry("window_attention_bwd", "numba_cuda", "fused", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_fused", False,
           "one block per (head, window set): P and dS in shared memory, dbias in per-block slabs (no atomics)"),
     Entry("window_attention_bwd", "numba_cuda", "static", "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_static", False,
           "the fused backward compiled per (N, hd): unrolled, bias-gradient shares in registers across windows"),
     Entry("window_attention_bwd", "numba_cuda", "static_unsigned",
-          "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_static_unsigned", False,
+          "sparx_ref.kernels.numba_cuda.attention:window_attention_bwd_static_unsigned", True,
           "the static backward with unsigned 64-bit indices: no per-access negative-index fix-ups"),
     Entry("dmca_attention_fwd", "numba_cuda", "naive", "sparx_ref.kernels.numba_cuda.attention:dmca_attention_fwd_naive", False,
           "explicit form: one thread per score / softmax row / output element"),

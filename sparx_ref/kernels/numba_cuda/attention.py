@@ -1483,16 +1483,16 @@ def window_attention_fwd(q, k, v, bias, mask=None, scale=None):
     q, k, v ``(Bw, heads, N, hd)``; bias ``(heads, N, N)``; mask ``(nW, N, N)`` or None;
     scale multiplies q (default ``hd ** -0.5``). Returns ``out`` ``(Bw, heads, N, hd)`` and a
     cache with ``"probs"`` ``(Bw, heads, N, N)``, ``"q"`` (unscaled), ``"k"``, ``"v"``, ``"scale"``.
-    Default version: ``fused``.
+    Default version: ``static_unsigned`` (the fused kernels when a shape's tiles do not fit).
     """
-    return window_attention_fwd_fused(q, k, v, bias, mask, scale)
+    return window_attention_fwd_static_unsigned(q, k, v, bias, mask, scale)
 
 
 def window_attention_bwd(dout, cache):
     """Mirrors :func:`sparx_ref.ref.window_attention.window_attention_bwd`:
     ``{"q", "k", "v"}`` ``(Bw, heads, N, hd)`` and ``"bias"`` ``(heads, N, N)`` (summed over windows).
-    Default version: ``fused``."""
-    return window_attention_bwd_fused(dout, cache)
+    Default version: ``static_unsigned`` (the fused kernels when a shape's tiles do not fit)."""
+    return window_attention_bwd_static_unsigned(dout, cache)
 
 
 # --------------------------------------------------------------------------------------
