@@ -619,3 +619,21 @@ def test_as_array_shapes_a_whole_allocation_and_refuses_a_piece(stand_in_context
     outside = L.FlatView(first.owner, first.ptr + 500, 4, np.float32)   # the allocation is 512 bytes
     with pytest.raises(ValueError, match="outside its allocation"):
         L.as_array(outside, (4,))
+
+
+def test_loaded_function_skips_the_context_lookup_only_with_one_device(monkeypatch):
+    class Library:
+        def __init__(self, cache):
+            self._cufunc_cache, self.looked_up = cache, 0
+
+        def get_cufunc(self):
+            self.looked_up += 1
+            return "looked up"
+
+    monkeypatch.setattr(L, "_ONE_DEVICE", True)
+    assert L._loaded_function(Library({0: "loaded"})) == "loaded"
+    lib = Library({})                                  # not loaded yet: Numba loads it
+    assert L._loaded_function(lib) == "looked up" and lib.looked_up == 1
+    monkeypatch.setattr(L, "_ONE_DEVICE", False)       # several devices: always ask Numba
+    lib = Library({0: "loaded"})
+    assert L._loaded_function(lib) == "looked up" and lib.looked_up == 1

@@ -398,20 +398,32 @@ __global__ void scan_bwd_warp(const float* u, const float* delta, const float* A
 
 // out[o, i] = sum_p in[o, p, i] (in order p = 0, 1, ...: deterministic).
 __global__ void sum_middle(const float* in0, float* out0, const float* in1, float* out1,
-                           const float* in2, float* out2, int n, int outer, int P, int inner) {
-    // out_j[o*inner + i] = sum_{p<P} in_j[(o*P + p)*inner + i], p in order (deterministic), for
-    // the n <= 3 pairs (in_j, out_j) sharing (outer, P, inner): several parameter sums, one launch.
-    const long long per = (long long)outer * inner;
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * per) return;
-    const int j = (int)(idx / per);
-    const long long e = idx - j * per;
-    const float* in = j == 0 ? in0 : (j == 1 ? in1 : in2);
-    float* out = j == 0 ? out0 : (j == 1 ? out1 : out2);
-    long long o = e / inner, i = e % inner;
-    float s = 0.f;
-    for (int p = 0; p < P; ++p) s += in[(o * P + p) * inner + i];
-    out[e] = s;
+                           const float* in2, float* out2, const float* in3, float* out3,
+                           const float* in4, float* out4, int n,
+                           int outer0, int P0, int inner0, int outer1, int P1, int inner1,
+                           int outer2, int P2, int inner2, int outer3, int P3, int inner3,
+                           int outer4, int P4, int inner4) {
+    // The backward's parameter sums, all in one launch. For each of the n <= 5 pairs (in_j,
+    // out_j) of layout (outer_j, P_j, inner_j): out_j[o*inner_j + i] = sum_{p<P_j}
+    // in_j[(o*P_j + p)*inner_j + i], p in order (deterministic). The threads walk the pairs'
+    // outputs one after the other.
+    const float* ins[5] = {in0, in1, in2, in3, in4};
+    float* outs[5] = {out0, out1, out2, out3, out4};
+    const int outer[5] = {outer0, outer1, outer2, outer3, outer4};
+    const int P[5] = {P0, P1, P2, P3, P4};
+    const int inner[5] = {inner0, inner1, inner2, inner3, inner4};
+    long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (int j = 0; j < n; ++j) {
+        const long long per = (long long)outer[j] * inner[j];
+        if (e < per) {
+            const long long o = e / inner[j], i = e % inner[j];
+            float s = 0.f;
+            for (int p = 0; p < P[j]; ++p) s += ins[j][(o * P[j] + p) * inner[j] + i];
+            outs[j][e] = s;
+            return;
+        }
+        e -= per;
+    }
 }
 
 // cross scan, "naive": one thread per map element, writing its four copies. Directions 1 and 3
@@ -1069,32 +1081,34 @@ def _i(v):
     return np.int32(v)
 
 
-def _sum_middle(parts, outer, P, inner):
-    """[out_j (outer*inner,)]: out_j[o*inner + i] = sum_p parts[j][(o*P + p)*inner + i] for up to
-    three partial arrays of the same layout, in one launch."""
-    if not parts:
-        return []
-    outs = [_empty((outer * inner,)) for _ in parts]
-    pad = [parts[0], outs[0]] * (3 - len(parts))          # unused slots: never read or written
-    args = [a for pair in zip(parts, outs) for a in pair] + pad
-    total = len(parts) * outer * inner
-    _kernel("sum_middle")(((total + 255) // 256,), (256,),
-                          (*args, _i(len(parts)), _i(outer), _i(P), _i(inner)))
+def _sum_middle(jobs):
+    """[out_j (outer_j*inner_j,)] for jobs [(part_j, outer_j, P_j, inner_j)] (at most five):
+    out_j[o*inner_j + i] = sum_p part_j[(o*P_j + p)*inner_j + i], all in one launch, the outputs
+    views of one allocation."""
+    sizes = [outer * inner for _, outer, _, inner in jobs]
+    buf = _empty((max(sum(sizes), 1),))
+    starts = np.cumsum([0] + sizes)
+    outs = [buf[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    pad = 5 - len(jobs)                                      # unused slots: never read or written
+    ptrs = [a for (part, *_), out in zip(jobs, outs) for a in (part, out)] + [buf, buf] * pad
+    dims = [_i(d) for _, outer, P, inner in jobs for d in (outer, P, inner)] + [_i(0)] * (3 * pad)
+    _kernel("sum_middle")(((sum(sizes) + 255) // 256,), (256,), (*ptrs, _i(len(jobs)), *dims))
     return outs
 
 
-def _batch_sums(partA, partD, partbias, batch, KD, N, D, bias):
-    """{"A": (KD, N), "D": (KD,) or None, "delta_bias": (KD,) or None}: the per-(batch, channel)
-    partials summed over the batch, in one launch when N = 1 (all three have KD*N columns)."""
-    per_channel = [(name, part) for name, part, given in (("D", partD, D), ("delta_bias", partbias, bias))
-                   if given is not None]
-    if N == 1:
-        dA, *rest = _sum_middle([partA] + [p for _, p in per_channel], 1, batch, KD)
-    else:
-        dA, = _sum_middle([partA], 1, batch, KD * N)
-        rest = _sum_middle([p for _, p in per_channel], 1, batch, KD)
-    out = {"A": dA.reshape(KD, N), "D": None, "delta_bias": None}
-    out.update({name: r.reshape(KD) for (name, _), r in zip(per_channel, rest)})
+def _parameter_grads(batch, KD, N, D, bias, partA, partD, partbias, B_C=None):
+    """{"A": (KD, N), "D": (KD,) or None, "delta_bias": (KD,) or None} summed over the batch,
+    and, with B_C = (partB, partC, outer, nblk, inner, shape), "B" and "C" summed over the nblk
+    channel blocks: one sum_middle launch for all of them (fixed order: deterministic)."""
+    jobs = [("A", partA, 1, batch, KD * N, (KD, N))]
+    jobs += [(name, part, 1, batch, KD, (KD,)) for name, part, given in (("D", partD, D), ("delta_bias", partbias, bias))
+             if given is not None]
+    if B_C is not None:
+        partB, partC, outer, nblk, inner, shape = B_C
+        jobs += [("B", partB, outer, nblk, inner, shape), ("C", partC, outer, nblk, inner, shape)]
+    sums = _sum_middle([job[1:5] for job in jobs])
+    out = {"D": None, "delta_bias": None}
+    out.update({job[0]: r.reshape(job[5]) for job, r in zip(jobs, sums)})
     return out
 
 
@@ -1126,9 +1140,8 @@ def _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, shape, nblk, D
     """The backward's gradient dict: du, ddelta as written; dA, dD, ddelta_bias summed over the
     batch and dB, dC over the nblk channel blocks of each group (sum_middle, fixed order)."""
     batch, KD, L, K, N = shape
-    dB, dC = _sum_middle([partB, partC], batch * K, nblk, N * L)
-    return {"u": du, "delta": ddelta, "B": dB.reshape(batch, K, N, L), "C": dC.reshape(batch, K, N, L),
-            **_batch_sums(partA, partD, partbias, batch, KD, N, D, bias)}
+    return {"u": du, "delta": ddelta, **_parameter_grads(
+        batch, KD, N, D, bias, partA, partD, partbias, B_C=(partB, partC, batch * K, nblk, N * L, (batch, K, N, L)))}
 
 
 def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
@@ -1329,4 +1342,4 @@ def ss2d_scan_bwd(dy, cache):
        partD, partbias, _i(batch), _i(Di), _i(H), _i(W), _i(P), _i(bool(cache["delta_softplus"]))),
       shared_mem=shared)
     return {"x": dx, "delta": ddelta, "B": dB, "C": dC,
-            **_batch_sums(partA, partD, partbias, batch, KD, N, D, bias)}
+            **_parameter_grads(batch, KD, N, D, bias, partA, partD, partbias)}

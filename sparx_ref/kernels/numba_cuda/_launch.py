@@ -549,6 +549,25 @@ def _config(griddim, blockdim, sharedmem, it):
     return cfg
 
 
+_ONE_DEVICE = None          # True once known that the process sees exactly one CUDA device
+
+
+def _loaded_function(library):
+    """The kernel's loaded CUfunction for the current device, as _Kernel.launch gets it
+    (``get_cufunc``, which looks the current context up: ~10 us a launch). With exactly one
+    device visible and the function already loaded (Numba keeps it per device id in
+    ``_cufunc_cache``), that one entry is the answer and the lookup is skipped."""
+    global _ONE_DEVICE
+    loaded = getattr(library, "_cufunc_cache", None)
+    if loaded is not None and len(loaded) == 1:
+        if _ONE_DEVICE is None:
+            from numba import cuda
+            _ONE_DEVICE = len(cuda.gpus) == 1
+        if _ONE_DEVICE:
+            return next(iter(loaded.values()))
+    return library.get_cufunc()
+
+
 def _fast_launch(plan, descs, args, griddim, blockdim, stream, sharedmem):
     it = _internals
     kargs = []
@@ -565,7 +584,7 @@ def _fast_launch(plan, descs, args, griddim, blockdim, stream, sharedmem):
             core_stream = it["default_stream"] = it["to_core_stream"](0)
     else:
         core_stream = it["to_core_stream"](stream)
-    cufunc = plan.kernel._codelibrary.get_cufunc()     # per current device, as _Kernel.launch does
+    cufunc = _loaded_function(plan.kernel._codelibrary)
     it["launch"](core_stream, _config(griddim, blockdim, sharedmem, it), cufunc.kernel, *kargs)
 
 

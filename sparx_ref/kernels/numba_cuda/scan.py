@@ -1024,22 +1024,34 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
 # ---------------------------------------------------------------------------------------
 # kernels that do not depend on d_state
 # ---------------------------------------------------------------------------------------
-def _sum_middle_py(in0, out0, in1, out1, in2, out2, n, outer, P, inner):
-    """out_j[o, i] = sum_p in_j[o, p, i], p in order (deterministic), for the n <= 3 pairs
-    (in_j, out_j) sharing (outer, P, inner): several parameter sums, one launch."""
-    idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    per = outer * inner
-    if idx < n * per:
-        j = idx // per
-        e = idx - j * per
-        inp = in0 if j == 0 else (in1 if j == 1 else in2)
-        out = out0 if j == 0 else (out1 if j == 1 else out2)
-        o = e // inner
-        i = e - o * inner
-        s = f32(0.0)
-        for p in range(P):
-            s += inp[(o * P + p) * inner + i]
-        out[e] = s
+def _sum_middle_py(in0, out0, in1, out1, in2, out2, in3, out3, in4, out4, n,
+                   outer0, P0, inner0, outer1, P1, inner1, outer2, P2, inner2, outer3, P3, inner3,
+                   outer4, P4, inner4):
+    """The backward's parameter sums in one launch: for each of the n <= 5 pairs (in_j, out_j)
+    of layout (outer_j, P_j, inner_j), out_j[o, i] = sum_p in_j[o, p, i], p in order
+    (deterministic). The threads walk the pairs' outputs one after the other."""
+    e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    for j in range(n):
+        if j == 0:
+            inp, out, outer, P, inner = in0, out0, outer0, P0, inner0
+        elif j == 1:
+            inp, out, outer, P, inner = in1, out1, outer1, P1, inner1
+        elif j == 2:
+            inp, out, outer, P, inner = in2, out2, outer2, P2, inner2
+        elif j == 3:
+            inp, out, outer, P, inner = in3, out3, outer3, P3, inner3
+        else:
+            inp, out, outer, P, inner = in4, out4, outer4, P4, inner4
+        per = outer * inner
+        if e < per:
+            o = e // inner
+            i = e - o * inner
+            s = f32(0.0)
+            for p in range(P):
+                s += inp[(o * P + p) * inner + i]
+            out[e] = s
+            return
+        e -= per
 
 
 def _fill_py(out, value, n):
@@ -1247,7 +1259,7 @@ def _sig(n_arrays, n_ints):
 
 
 PTX_KERNELS = [
-    ("sum_middle", _sum_middle_py, _sig(6, 4)),
+    ("sum_middle", _sum_middle_py, _sig(10, 16)),
     ("fill", _fill_py, "void(float32[::1], float32, int32)"),
     ("cross_scan_naive", _cross_scan_naive_py, _sig(2, 4)),
     ("cross_scan_tiled", _cross_scan_tiled_py, _sig(2, 4)),
@@ -1344,34 +1356,34 @@ def _i(v):
     return np.int32(v)
 
 
-def _sum(parts, outer, P, inner):
-    """[flat out_j]: the partial arrays `parts` (up to three, same layout) summed over their
-    middle axis of P, in one launch (see _sum_middle_py); the outputs share one allocation."""
-    if not parts:
-        return []
-    outs = _outputs(*[outer * inner] * len(parts))
-    pad = [parts[0], outs[0]] * (3 - len(parts))          # unused slots: never read or written
-    args = [a for pair in zip(parts, outs) for a in pair] + pad
-    total = len(parts) * outer * inner
-    launch(_sum_middle, (total + 255) // 256, 256, *args, _i(len(parts)), _i(outer), _i(P), _i(inner))
+def _sum(jobs):
+    """[flat out_j] for jobs [(part_j, outer_j, P_j, inner_j)] (at most five): out_j[o*inner_j + i]
+    = sum_p part_j[(o*P_j + p)*inner_j + i], all in one launch (_sum_middle_py), the outputs
+    carved from one allocation."""
+    sizes = [outer * inner for _, outer, _, inner in jobs]
+    outs = _outputs(*sizes)
+    pad = 5 - len(jobs)                                      # unused slots: never read or written
+    ptrs = [a for (part, *_), out in zip(jobs, outs) for a in (part, out)] + [outs[0], outs[0]] * pad
+    dims = [_i(d) for _, outer, P, inner in jobs for d in (outer, P, inner)] + [_i(0)] * (3 * pad)
+    launch(_sum_middle, (sum(sizes) + 255) // 256, 256, *ptrs, _i(len(jobs)), *dims)
     return outs
 
 
-def _batch_sums(partA, partD, partbias, cache):
-    """{"A", "D", "delta_bias"}: the per-(batch, channel) partials summed over the batch (None
-    for a parameter the forward did not get); one launch when N = 1."""
+def _parameter_grads(partA, partD, partbias, cache, B_C=None):
+    """{"A", "D", "delta_bias"} summed over the batch (None for a parameter the forward did not
+    get) and, with B_C = (partB, partC, outer, nblk, inner, shape), "B" and "C" summed over the
+    nblk channel blocks: one launch for all of them."""
     batch, N = cache["shape"][0], cache["shape"][-1]
     KD = partD.size // batch
-    like = cache["u"]
-    per_channel = [(name, part) for name, part in (("D", partD), ("delta_bias", partbias))
-                   if cache[name] is not None]
-    if N == 1:
-        dA, *rest = _sum([partA] + [p for _, p in per_channel], 1, batch, KD)
-    else:
-        dA, = _sum([partA], 1, batch, KD * N)
-        rest = _sum([p for _, p in per_channel], 1, batch, KD)
-    out = {"A": _wrap(dA, (KD, N), like), "D": None, "delta_bias": None}
-    out.update({name: _wrap(r, (KD,), like) for (name, _), r in zip(per_channel, rest)})
+    jobs = [("A", partA, 1, batch, KD * N, (KD, N))]
+    jobs += [(name, part, 1, batch, KD, (KD,)) for name, part in (("D", partD), ("delta_bias", partbias))
+             if cache[name] is not None]
+    if B_C is not None:
+        partB, partC, outer, nblk, inner, shape = B_C
+        jobs += [("B", partB, outer, nblk, inner, shape), ("C", partC, outer, nblk, inner, shape)]
+    sums = _sum([job[1:5] for job in jobs])
+    out = {"D": None, "delta_bias": None}
+    out.update({job[0]: _wrap(r, job[5], cache["u"]) for job, r in zip(jobs, sums)})
     return out
 
 
@@ -1401,10 +1413,9 @@ def _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk):
     batch and dB, dC over the nblk channel blocks of each group (sum_middle, fixed order)."""
     batch, KD, L, K, N = cache["shape"]
     like = cache["u"]
-    dB, dC = _sum([partB, partC], batch * K, nblk, N * L)
     return {"u": _wrap(du, (batch, KD, L), like), "delta": _wrap(ddelta, (batch, KD, L), like),
-            "B": _wrap(dB, (batch, K, N, L), like), "C": _wrap(dC, (batch, K, N, L), like),
-            **_batch_sums(partA, partD, partbias, cache)}
+            **_parameter_grads(partA, partD, partbias, cache,
+                               B_C=(partB, partC, batch * K, nblk, N * L, (batch, K, N, L)))}
 
 
 def selective_scan_fwd_naive(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
@@ -1604,4 +1615,4 @@ def ss2d_scan_bwd(dy, cache):
     like = cache["u"]
     return {"x": _wrap(dx, (batch, Di, H, W), like), "delta": _wrap(ddelta, (batch, KD, L), like),
             "B": _wrap(dB, (batch, K_DIRECTIONS, N, L), like), "C": _wrap(dC, (batch, K_DIRECTIONS, N, L), like),
-            **_batch_sums(partA, partD, partbias, cache)}
+            **_parameter_grads(partA, partD, partbias, cache)}
