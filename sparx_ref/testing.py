@@ -22,36 +22,10 @@ def _to_numpy(a):
     return np.asarray(a)
 
 
-def rel_err(got, ref) -> float:
-    """``max|got - ref| / max|ref|`` in float64 (0 when both are all zeros).
-
-    Shapes must match exactly; NaN anywhere in ``got`` gives ``inf`` so an
-    unwritten (NaN-poisoned) element never passes.
-    """
-    got = _to_numpy(got).astype(np.float64)
-    ref = _to_numpy(ref).astype(np.float64)
-    if got.shape != ref.shape:
-        raise ValueError(f"shape mismatch: got {got.shape}, ref {ref.shape}")
-    if got.size == 0:
-        return 0.0
-    if not np.all(np.isfinite(got)):
-        return float("inf")
-    diff = float(np.max(np.abs(got - ref)))
-    scale = float(np.max(np.abs(ref)))
-    if scale == 0.0:
-        return diff
-    return diff / scale
-
-
-def rel_err_scaled(got, ref, scale) -> float:
-    """``max|got - ref| / max|scale|``: the error of a sum with cancellation, measured against the
-    magnitude of its terms rather than of its (possibly tiny) value.
-
-    Rounding bounds the error of a computed sum ``sum_i t_i`` by about ``eps * sum_i |t_i|``,
-    so where the terms cancel (a gradient through a saturated softmax, say) ``rel_err`` would
-    ask for more digits than the inputs carry. ``scale`` is the same sums over absolute values
-    (same shape as ``ref``). NaN anywhere in ``got`` gives ``inf``.
-    """
+def _error_over_scale(got, ref, scale) -> float:
+    """``max|got - ref| / max|scale|`` in float64 (``max|got - ref|`` when the scale is all
+    zeros). Shapes must match exactly; NaN anywhere in ``got`` gives ``inf`` so an unwritten
+    (NaN-poisoned) element never passes."""
     got = _to_numpy(got).astype(np.float64)
     ref = _to_numpy(ref).astype(np.float64)
     scale = _to_numpy(scale).astype(np.float64)
@@ -64,6 +38,28 @@ def rel_err_scaled(got, ref, scale) -> float:
     diff = float(np.max(np.abs(got - ref)))
     top = float(np.max(np.abs(scale)))
     return diff / top if top > 0.0 else diff
+
+
+def rel_err(got, ref) -> float:
+    """``max|got - ref| / max|ref|`` in float64 (0 when both are all zeros).
+
+    Shapes must match exactly; NaN anywhere in ``got`` gives ``inf`` so an
+    unwritten (NaN-poisoned) element never passes.
+    """
+    ref = _to_numpy(ref)
+    return _error_over_scale(got, ref, ref)
+
+
+def rel_err_scaled(got, ref, scale) -> float:
+    """``max|got - ref| / max|scale|``: the error of a sum with cancellation, measured against the
+    magnitude of its terms rather than of its (possibly tiny) value.
+
+    Rounding bounds the error of a computed sum ``sum_i t_i`` by about ``eps * sum_i |t_i|``,
+    so where the terms cancel (a gradient through a saturated softmax, say) ``rel_err`` would
+    ask for more digits than the inputs carry. ``scale`` is the same sums over absolute values
+    (same shape as ``ref``). NaN anywhere in ``got`` gives ``inf``.
+    """
+    return _error_over_scale(got, ref, scale)
 
 
 def assert_close_scaled(got, ref, scale, dtype, kind: str, name: str = "tensor") -> float:
