@@ -18,7 +18,13 @@ argument with a few attribute reads (pointer, shape, strides, dtype), look the p
 the fields and call the same ``cuda.core.launch`` with a cached ``LaunchConfig`` and stream.
 Scalars go as NumPy scalars of the parameter's type rather than ctypes values: the same bytes,
 but cuda.core packs them ~0.6 us faster each.
-Same kernel, same argument bytes, same stream: only Python bookkeeping is skipped.
+Same kernel, same argument bytes, same stream: only Python bookkeeping is skipped. When the
+process sees exactly one CUDA device, the loaded CUfunction is taken from Numba's per-device
+cache without the current-context lookup ``get_cufunc`` makes (:func:`_loaded_function`).
+
+Allocation (:func:`empty_flat`, :func:`empty_flats`, :func:`as_array`): a call's outputs and
+scratch start as FlatViews over raw ``memalloc`` memory, several from one allocation, and only
+the arrays handed back become DeviceNDArrays, once, in their final shape.
 
 An array argument of Numba's data model (``numba.core.datamodel`` ``ArrayModel``, members
 ``meminfo, parent, nitems, itemsize, data, shape, strides``) is passed flattened, as
