@@ -20,7 +20,7 @@ $(STAMP): requirements-dev.txt pyproject.toml
 # PTX/NVRTC compile checks in their own process with the simulator off, then the lessons.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
-	NUMBA_ENABLE_CUDASIM=0 $(PY) -m pytest -q -p no:cacheprovider tests/compile_checks.py
+	NUMBA_ENABLE_CUDASIM=0 $(PY) -m pytest -q -n 2 -p no:cacheprovider tests/compile_checks.py
 	$(MAKE) lessons
 
 # The lessons: build notebooks from the jupytext sources (lessons/NN_*.py, the one source of
