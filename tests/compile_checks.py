@@ -55,18 +55,34 @@ def test_numba_cuda_kernel_compiles_for_sm90(fn, sig):
     assert ".target sm_90" in ptx
 
 
-@pytest.mark.parametrize("name,src,opts", _cupy_sources())
-def test_cupy_source_compiles_for_compute90(name, src, opts):
+def _nvrtc(src, name, opts, arch="compute_90", output="ptx"):
+    """Compile CUDA C ``src`` with NVRTC for ``arch`` (compute_90: PTX; sm_90: ptxas inside, a
+    cubin); returns the PTX text or the cubin bytes. A failed compile fails the test with
+    NVRTC's log."""
     from cuda.bindings import nvrtc
     err, prog = nvrtc.nvrtcCreateProgram(src.encode(), f"{name}.cu".encode(), 0, [], [])
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    args = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [o.encode() for o in opts]
+    args = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"] + [o.encode() for o in opts]
     (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
     if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * size
         nvrtc.nvrtcGetProgramLog(prog, log)
-        pytest.fail(f"NVRTC failed for {name}:\n{log.decode(errors='replace')}")
+        pytest.fail(f"NVRTC failed for {name} {opts}:\n{log.decode(errors='replace')}")
+    if output == "cubin":
+        _, size = nvrtc.nvrtcGetCUBINSize(prog)
+        cubin = b" " * size
+        nvrtc.nvrtcGetCUBIN(prog, cubin)
+        return cubin
+    _, size = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    return ptx.decode(errors="replace")
+
+
+@pytest.mark.parametrize("name,src,opts", _cupy_sources())
+def test_cupy_source_compiles_for_compute90(name, src, opts):
+    assert ".target sm_90" in _nvrtc(src, name, opts)
 
 
 # --- ss2d "quad" forward (sparx_ref/kernels/{numba_cuda,cupy}/ss2d.py): besides compiling, its
@@ -151,17 +167,8 @@ def test_numba_window_static_unsigned_kernels_have_no_wraparound_fixups(kernel):
 @pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DITEMS=4"), ("-DNSTATE=2", "-DITEMS=4"),
                                   ("-DNSTATE=1", "-DITEMS=8"), ("-DNSTATE=1", "-DITEMS=2")])
 def test_ss2d_quad_cuda_ptx_has_no_local_memory_and_no_f64(opts):
-    from cuda.bindings import nvrtc
     from sparx_ref.kernels.cupy.ss2d import CUDA_SOURCES
-    err, prog = nvrtc.nvrtcCreateProgram(CUDA_SOURCES["ss2d_quad"].encode(), b"ss2d_quad.cu", 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    args = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [o.encode() for o in opts]
-    (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
-    assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, opts
-    _, size = nvrtc.nvrtcGetPTXSize(prog)
-    ptx = b" " * size
-    nvrtc.nvrtcGetPTX(prog, ptx)
-    ptx = ptx.decode(errors="replace")
+    ptx = _nvrtc(CUDA_SOURCES["ss2d_quad"], "ss2d_quad", opts)
     assert ".local" not in ptx and ".f64" not in ptx, opts
     assert ptx.count("atom.shared.add.f32") + ptx.count("red.shared.add.f32") > 0, "shared atomics"
 
@@ -169,24 +176,11 @@ def test_ss2d_quad_cuda_ptx_has_no_local_memory_and_no_f64(opts):
 # --- selective scan "vec" rung (sparx_ref/kernels/{numba_cuda,cupy}/scan.py): besides compiling,
 # its per-lane arrays (ITEMS steps x NSTATE, two rounds in flight) must stay in registers (no
 # .local), no float64 may creep in (.f64), and the vector variants must really issue 16-byte loads.
-def _nvrtc_ptx(src, name, opts):
-    from cuda.bindings import nvrtc
-    err, prog = nvrtc.nvrtcCreateProgram(src.encode(), f"{name}.cu".encode(), 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    args = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [o.encode() for o in opts]
-    (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
-    assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, (name, opts)
-    _, size = nvrtc.nvrtcGetPTXSize(prog)
-    ptx = b" " * size
-    nvrtc.nvrtcGetPTX(prog, ptx)
-    return ptx.decode(errors="replace")
-
-
 @pytest.mark.parametrize("nstate,seg,items,vec", [(1, 32, 4, 1), (1, 32, 4, 0), (1, 16, 4, 1), (1, 8, 4, 0),
                                                   (2, 32, 4, 1), (1, 32, 2, 1), (1, 32, 8, 1)])
 def test_scan_vec_cuda_ptx_has_no_local_memory_and_no_f64(nstate, seg, items, vec):
     from sparx_ref.kernels.cupy.scan import CUDA_SOURCES
-    ptx = _nvrtc_ptx(CUDA_SOURCES["scan_vec"], "scan_vec",
+    ptx = _nvrtc(CUDA_SOURCES["scan_vec"], "scan_vec",
                      (f"-DNSTATE={nstate}", f"-DSEG={seg}", f"-DITEMS={items}", f"-DVEC={vec}"))
     assert ".local" not in ptx and ".f64" not in ptx
     width = 4 if items % 4 == 0 else 2
@@ -260,16 +254,8 @@ def test_scan_vec_numba_ptx_has_no_local_memory_and_no_f64(name):
                                   ("-DNSTATE=1", "-DSEG=16", "-DITEMS=4", "-DVEC=0", "-DONE_ROUND=1")])
 def test_scan_vec_cuda_cubin_spills_nothing(opts):
     """NVRTC for sm_90 (ptxas inside): the vec kernels keep everything in registers."""
-    from cuda.bindings import nvrtc
     from sparx_ref.kernels.cupy.scan import CUDA_SOURCES
-    err, prog = nvrtc.nvrtcCreateProgram(CUDA_SOURCES["scan_vec"].encode(), b"scan_vec.cu", 0, [], [])
-    args = [b"--gpu-architecture=sm_90", b"-std=c++17"] + [o.encode() for o in opts]
-    (res,) = nvrtc.nvrtcCompileProgram(prog, len(args), args)
-    assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, opts
-    _, size = nvrtc.nvrtcGetCUBINSize(prog)
-    cubin = b" " * size
-    nvrtc.nvrtcGetCUBIN(prog, cubin)
-    info = _cubin_kernel_resources(cubin)
+    info = _cubin_kernel_resources(_nvrtc(CUDA_SOURCES["scan_vec"], "scan_vec", opts, arch="sm_90", output="cubin"))
     print(opts, info)
     for kernel in ("scan_fwd_vec", "scan_bwd_vec"):
         assert info[kernel].get("frame", 0) == 0 and info[kernel]["regs"] <= 128, (kernel, info[kernel])

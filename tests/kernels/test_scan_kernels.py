@@ -97,6 +97,18 @@ def f64(arrays):
     return [None if a is None else a.astype(np.float64) for a in arrays]
 
 
+def case_with_reference(case):
+    """A scan case dict (seed, batch, K, Dg, L, N, regime, has_D, has_bias) -> float32 inputs,
+    softplus flag, the float64 reference output, a cotangent dy and the reference gradients."""
+    rng = np.random.default_rng(case["seed"])
+    KD = case["K"] * case["Dg"]
+    args, sp = scan_inputs(rng, case["batch"], KD, case["L"], case["K"], case["N"], case["regime"],
+                           case["has_D"], case["has_bias"])
+    y_ref, c_ref = ref_scan.selective_scan_fwd(*f64(args), delta_softplus=sp)
+    dy = rng.standard_normal(y_ref.shape).astype(F32)
+    return args, sp, y_ref, dy, ref_scan.selective_scan_bwd(dy.astype(np.float64), c_ref)
+
+
 # ---------------------------------------------------------------------------------------
 # cases: hypothesis strategies, and the simulator's fixed list
 # ---------------------------------------------------------------------------------------
@@ -532,13 +544,7 @@ def fake_cupy(tmp_path_factory):
 def test_cupy_backend_on_cpu_emulation_selective_scan(fake_cupy, case):
     """The whole CuPy backend (host code, launch configurations, CUDA C) on the CPU: Dg = 9
     gives two channel blocks of 8 warps (7 idle warps), L = 200 two rounds of 128 steps."""
-    rng = np.random.default_rng(case["seed"])
-    KD = case["K"] * case["Dg"]
-    args, sp = scan_inputs(rng, case["batch"], KD, case["L"], case["K"], case["N"], case["regime"],
-                           case["has_D"], case["has_bias"])
-    y_ref, c_ref = ref_scan.selective_scan_fwd(*f64(args), delta_softplus=sp)
-    dy = rng.standard_normal(y_ref.shape).astype(F32)
-    g_ref = ref_scan.selective_scan_bwd(dy.astype(np.float64), c_ref)
+    args, sp, y_ref, dy, g_ref = case_with_reference(case)
     with poison_outputs():
         for fwd in (fake_cupy.selective_scan_fwd_naive, fake_cupy.selective_scan_fwd):
             y, cache = fwd(*args, delta_softplus=sp)
@@ -613,13 +619,7 @@ def _misaligned(a):
 
 
 def _vec_check(fwd, bwd, case, convert, misalign=False):
-    rng = np.random.default_rng(case["seed"])
-    KD = case["K"] * case["Dg"]
-    args, sp = scan_inputs(rng, case["batch"], KD, case["L"], case["K"], case["N"], case["regime"],
-                           case["has_D"], case["has_bias"])
-    y_ref, c_ref = ref_scan.selective_scan_fwd(*f64(args), delta_softplus=sp)
-    dy = rng.standard_normal(y_ref.shape).astype(F32)
-    g_ref = ref_scan.selective_scan_bwd(dy.astype(np.float64), c_ref)
+    args, sp, y_ref, dy, g_ref = case_with_reference(case)
     if misalign:
         args = [None if a is None else _misaligned(a) for a in args]
         dy = _misaligned(dy)
