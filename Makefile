@@ -17,10 +17,11 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 # The whole suite: the pytest tree (CUDA simulator on, set in tests/conftest.py), then the
-# PTX/NVRTC compile checks in their own process with the simulator off, then the lessons.
+# PTX/NVRTC compile checks and the Numba driver-class checks in their own process with the
+# simulator off, then the lessons.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
-	NUMBA_ENABLE_CUDASIM=0 $(PY) -m pytest -q -n 2 -p no:cacheprovider tests/compile_checks.py
+	NUMBA_ENABLE_CUDASIM=0 $(PY) -m pytest -q -n 2 -p no:cacheprovider tests/compile_checks.py tests/numba_driver_checks.py
 	$(MAKE) lessons
 
 # The lessons: build notebooks from the jupytext sources (lessons/NN_*.py, the one source of

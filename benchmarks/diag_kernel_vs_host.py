@@ -75,27 +75,30 @@ def _versions(op, backend, wanted):
             if (not wanted or e.version in wanted) and e.version != "naive"]
 
 
-def cases(names, versions):
-    """Yield (case, backend/version, fn) for the named case groups."""
+def cases(names, versions, sets=1):
+    """Yield (case, backend/version, fn) for the named case groups; the scan and DMCA cases
+    rotate over ``sets`` input sets (> 1: inputs no longer stay in L2 between calls, as in the
+    benchmarks)."""
     import torch
     if "scan49" in names or "scan196" in names:
         for L, KD in ((49, 4096), (196, 2560)):
             if f"scan{L}" not in names:
                 continue
-            x = scan_inputs(64, KD, L)
-            args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"])
-            dy = torch.randn_like(x["u"])
+            xs = [scan_inputs(64, KD, L, seed=i) for i in range(sets)]
             for backend in BACKENDS:
-                nargs = [native(backend, a) for a in args]
-                ndy = native(backend, dy)
                 from sparx_ref import kernels
+                sets_args = [[native(backend, x[n]) for n in ("u", "delta", "A", "B", "C", "D", "bias")] for x in xs]
+                sets_dy = [native(backend, torch.randn_like(x["u"])) for x in xs]
                 bwd = kernels.get("selective_scan_bwd", backend)
                 for v, fn in _versions("selective_scan_fwd", backend, versions):
-                    yield f"scan fwd L={L}", f"{backend}/{v}", (lambda fn=fn, a=nargs: fn(*a, delta_softplus=True))
+                    nxt = _rotation(len(xs))
+                    yield (f"scan fwd L={L}", f"{backend}/{v}",
+                           (lambda fn=fn, nxt=nxt, sa=sets_args: fn(*sa[nxt()], delta_softplus=True)))
 
-                    def fb(fn=fn, a=nargs, d=ndy, bwd=bwd):
-                        _, cache = fn(*a, delta_softplus=True)
-                        return bwd(d, cache)
+                    def fb(fn=fn, nxt=_rotation(len(xs)), sa=sets_args, sd=sets_dy, bwd=bwd):
+                        i = nxt()
+                        _, cache = fn(*sa[i], delta_softplus=True)
+                        return bwd(sd[i], cache)
                     yield f"scan fwd+bwd L={L}", f"{backend}/{v}", fb
     if "cross" in names:
         b, C, H, W = MAP_SHAPE
@@ -118,27 +121,45 @@ def cases(names, versions):
                 yield "ss2d fwd", f"{backend}/{v}", (lambda fn=fn, a=nargs: fn(*a, delta_softplus=True))
     if "dmca" in names:
         for prob in (dmca_problem(), dmca_problem(C=320, L=196)):
-            q = torch.randn(prob["B"], prob["C"], prob["Ls"], device="cuda")
-            k = torch.randn_like(q)
-            v = torch.randn(prob["B"], prob["C"], prob["L"], device="cuda")
-            dout = torch.randn_like(v)
+            inputs = []
+            for _ in range(sets):
+                q = torch.randn(prob["B"], prob["C"], prob["Ls"], device="cuda")
+                inputs.append((q, torch.randn_like(q), torch.randn(prob["B"], prob["C"], prob["L"], device="cuda"),
+                               torch.randn(prob["B"], prob["C"], prob["L"], device="cuda")))
             for backend in BACKENDS:
-                nq, nk, nv, nd = (native(backend, t) for t in (q, k, v, dout))
+                nat = [[native(backend, t) for t in x] for x in inputs]
                 from sparx_ref import kernels
                 bwd = kernels.get("dmca_attention_bwd", backend)
                 for ver, fn in _versions("dmca_attention_fwd", backend, versions):
                     name = f"dmca C={prob['C']} L={prob['L']}"
-                    yield name + " fwd", f"{backend}/{ver}", (lambda fn=fn: fn(nq, nk, nv, prob["groups"]))
 
-                    def fb(fn=fn, bwd=bwd, g=prob["groups"]):
+                    def f(fn=fn, nxt=_rotation(sets), g=prob["groups"]):
+                        nq, nk, nv, _ = nat[nxt()]
+                        return fn(nq, nk, nv, g)
+                    yield name + " fwd", f"{backend}/{ver}", f
+
+                    def fb(fn=fn, bwd=bwd, nxt=_rotation(sets), g=prob["groups"]):
+                        nq, nk, nv, nd = nat[nxt()]
                         _, cache = fn(nq, nk, nv, g)
                         return bwd(nd, cache)
                     yield name + " fwd+bwd", f"{backend}/{ver}", fb
 
 
+def _rotation(n):
+    """A counter 0, 1, ..., n-1, 0, ...: which input set the next call takes."""
+    state = [-1]
+
+    def nxt():
+        state[0] = (state[0] + 1) % n
+        return state[0]
+    return nxt
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="scan49,cross,quad,dmca")
+    p.add_argument("--sets", type=int, default=1, help="input sets the scan and DMCA cases rotate over "
+                   "(bench_attention.py uses 3)")
     p.add_argument("--versions", default="", help="comma-separated versions to keep (default: all but naive)")
     p.add_argument("--cprofile", default="", help="also cProfile the host side of the cases whose "
                    "'case impl' contains one of these ';'-separated texts (200 calls each; top 25 by own time)")
@@ -146,9 +167,9 @@ def main(argv=None):
     common.use_cupy_pool_for_numba()
     names = set(args.cases.split(","))
     versions = tuple(v for v in args.versions.split(",") if v)
-    print(f"# {common.card()}; device copy {common.copy_bandwidth_gbs():.0f} GB/s")
+    print(f"# {common.card()}; device copy {common.copy_bandwidth_gbs():.0f} GB/s; {args.sets} input set(s)")
     rows = []
-    for case, impl, fn in cases(names, versions):
+    for case, impl, fn in cases(names, versions, args.sets):
         ev = common.median_ms(fn, reps=30, warmup=3)
         kms, nk = kernel_ms(fn)
         hms = host_ms(fn)

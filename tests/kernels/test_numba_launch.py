@@ -569,11 +569,8 @@ def test_gpu_dmca_fast_equals_dispatcher_bitwise(rng, version):
 class _StandInMemory:
     __cuda_memory__ = True          # as Numba's MemoryPointer: marked, but not an array (no reshape)
 
-    def __init__(self, ptr, size, parent=None):
-        self.device_pointer_value, self.size, self.parent = ptr, size, parent
-
-    def view(self, start, stop):
-        return _StandInMemory(self.device_pointer_value + start, stop - start, parent=self)
+    def __init__(self, ptr, size):
+        self.device_pointer_value, self.size = ptr, size
 
 
 @pytest.fixture
@@ -586,8 +583,9 @@ def stand_in_context(monkeypatch):
             allocations.append(mem)
             return mem
 
+    context = Context()
     monkeypatch.setattr(L, "_fast_enabled", lambda: True)
-    monkeypatch.setattr(cuda, "current_context", lambda: Context(), raising=False)
+    monkeypatch.setattr(L, "current_context", lambda: context)
     return allocations
 
 
@@ -604,21 +602,55 @@ def test_empty_flats_carves_aligned_pieces_from_one_allocation(stand_in_context)
 
 def test_as_array_shapes_a_whole_allocation_and_refuses_a_piece(stand_in_context, monkeypatch):
     from types import SimpleNamespace
-    monkeypatch.setattr(L, "_device_ndarray", lambda shape, strides, dtype, gpu_data: SimpleNamespace(
-        shape=shape, strides=strides, dtype=dtype, gpu_data=gpu_data))    # no DeviceNDArray in the simulator
+    # no DeviceNDArray / MemoryPointer in the simulator: stand-ins record what as_array asks for
+    # (the real classes: tests/numba_driver_checks.py)
+    monkeypatch.setattr(L, "_device_ndarray", lambda shape, dtype, gpu_data: SimpleNamespace(
+        shape=shape, dtype=dtype, gpu_data=gpu_data))
+    monkeypatch.setattr(L, "_piece", lambda owner, ptr, nbytes: SimpleNamespace(owner=owner, ptr=ptr, size=nbytes))
     whole = L.empty_flat(24, np.float32)
     arr = L.as_array(whole, (2, 3, 4))
-    assert arr.shape == (2, 3, 4) and arr.strides == (48, 16, 4) and arr.gpu_data is whole.owner
+    assert arr.shape == (2, 3, 4) and arr.dtype == np.float32 and arr.gpu_data is whole.owner
     assert whole.as_device_array() is whole      # the dispatcher path takes raw memory through the CAI
     first, piece = L.empty_flats([4, 6])
-    arr = L.as_array(piece, (2, 3))                # a piece: a view of the shared allocation
-    assert arr.gpu_data.parent is piece.owner and arr.gpu_data.device_pointer_value == piece.ptr
-    assert arr.gpu_data.size == 24 and arr.strides == (12, 4)
+    arr = L.as_array(piece, (2, 3))                # a piece: memory of the shared allocation
+    assert arr.gpu_data.owner is piece.owner and arr.gpu_data.ptr == piece.ptr and arr.gpu_data.size == 24
+    assert arr.shape == (2, 3)
     with pytest.raises(ValueError, match="has 6 elements, not the 25"):
         L.as_array(piece, (5, 5))
     outside = L.FlatView(first.owner, first.ptr + 500, 4, np.float32)   # the allocation is 512 bytes
     with pytest.raises(ValueError, match="outside its allocation"):
         L.as_array(outside, (4,))
+
+
+def test_current_context_is_kept_per_thread_with_one_device_until_it_is_no_longer_primary(monkeypatch):
+    import threading
+    from types import SimpleNamespace
+    asked = []
+
+    def fresh_context():
+        ctx = SimpleNamespace(device=SimpleNamespace())
+        ctx.device.primary_context = ctx
+        asked.append(ctx)
+        return ctx
+
+    monkeypatch.setattr(cuda, "current_context", fresh_context, raising=False)
+    monkeypatch.setattr(L, "_THREAD", threading.local())
+    monkeypatch.setattr(L, "_ONE_DEVICE", True)
+    first = L.current_context()
+    assert L.current_context() is first and len(asked) == 1            # kept: no second lookup
+    other = []
+    t = threading.Thread(target=lambda: other.append(L.current_context()))
+    t.start()
+    t.join()
+    assert other[0] is not first and len(asked) == 2                   # another thread asks for itself
+    first.device.primary_context = None                                # cuda.close() / a device reset
+    again = L.current_context()
+    assert again is not first and len(asked) == 3
+    monkeypatch.setattr(L, "_ONE_DEVICE", False)                       # several devices: always ask
+    monkeypatch.setattr(L, "_THREAD", threading.local())
+    L.current_context()
+    L.current_context()
+    assert len(asked) == 5
 
 
 def test_loaded_function_skips_the_context_lookup_only_with_one_device(monkeypatch):

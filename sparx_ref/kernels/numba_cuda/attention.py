@@ -1524,18 +1524,21 @@ def _dmca_fwd(version, q, k, v, groups):
     q, k, v, G, dt, like_cupy, (B, C, Ls, L) = _dmca_inputs(q, k, v, groups)
     g = C // G
     BG = B * G
-    attn, out = _empties([(B, G, g, g), (B, C, L)], dt)
+    qf, kf, vf = flat(q), flat(k), flat(v)       # flat views made once, kept for the backward
+    attn_f, out_f = empty_flats([B * C * g, B * C * L], dt)
     alpha = 1.0 / math.sqrt(Ls)
-    _bmm(version, dt, q, k, attn, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
-    _softmax_rows(dt, attn, BG * g, g, kernel=_softmax_kernel("softmax_rows", version))
-    _bmm(version, dt, attn, v, out, BG, g, L, g, (g * g, g, 1), (g * L, L, 1), 1.0)
-    cache = {"q": q, "k": k, "v": v, "attn": _wrap(attn, like_cupy), "groups": G, "_attn_dev": attn,
-             "_like_cupy": like_cupy}
-    return _wrap(out, like_cupy), cache
+    _bmm(version, dt, qf, kf, attn_f, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
+    _softmax_rows(dt, attn_f, BG * g, g, kernel=_softmax_kernel("softmax_rows", version))
+    _bmm(version, dt, attn_f, vf, out_f, BG, g, L, g, (g * g, g, 1), (g * L, L, 1), 1.0)
+    attn = as_array(attn_f, (B, G, g, g))
+    cache = {"q": q, "k": k, "v": v, "attn": _wrap(attn, like_cupy), "groups": G,
+             "_flat": (qf, kf, vf, attn_f), "_like_cupy": like_cupy}
+    return _wrap(as_array(out_f, (B, C, L)), like_cupy), cache
 
 
 def _dmca_bwd(version, dout, cache):
-    q, k, v, attn, G = cache["q"], cache["k"], cache["v"], cache["_attn_dev"], cache["groups"]
+    q, k, v, G = cache["q"], cache["k"], cache["v"], cache["groups"]
+    qf, kf, vf, attn_f = cache["_flat"]
     like_cupy = cache["_like_cupy"]
     dout = _device("dout", dout, 3)
     dt = np.dtype(q.dtype)
@@ -1547,14 +1550,16 @@ def _dmca_bwd(version, dout, cache):
     g = C // G
     BG = B * G
     alpha = 1.0 / math.sqrt(Ls)
-    dq, dk, dv = _empties([q.shape, k.shape, v.shape], dt)
-    dS = empty_flat(B * G * g * g, dt)      # internal only: a FlatView, never a DeviceNDArray
-    _bmm(version, dt, attn, dout, dv, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
-    _bmm(version, dt, dout, v, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)
-    _softmax_bwd_rows(dt, attn, dS, BG * g, g, kernel=_softmax_kernel("softmax_bwd_rows", version))
-    _bmm(version, dt, dS, k, dq, BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha)
-    _bmm(version, dt, dS, q, dk, BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha)
-    return {"q": _wrap(dq, like_cupy), "k": _wrap(dk, like_cupy), "v": _wrap(dv, like_cupy)}
+    doutf = flat(dout)
+    # dq, dk, dv (returned) and dS (internal) from one allocation
+    dq_f, dk_f, dv_f, dS = empty_flats([B * C * Ls, B * C * Ls, B * C * L, B * G * g * g], dt)
+    _bmm(version, dt, attn_f, doutf, dv_f, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
+    _bmm(version, dt, doutf, vf, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)
+    _softmax_bwd_rows(dt, attn_f, dS, BG * g, g, kernel=_softmax_kernel("softmax_bwd_rows", version))
+    _bmm(version, dt, dS, kf, dq_f, BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha)
+    _bmm(version, dt, dS, qf, dk_f, BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha)
+    return {"q": _wrap(as_array(dq_f, (B, C, Ls)), like_cupy), "k": _wrap(as_array(dk_f, (B, C, Ls)), like_cupy),
+            "v": _wrap(as_array(dv_f, (B, C, L)), like_cupy)}
 
 
 def dmca_attention_fwd_naive(q, k, v, groups=4):

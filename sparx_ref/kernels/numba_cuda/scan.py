@@ -1404,8 +1404,20 @@ def _scan_fwd(version, u, delta, A, B, C, D, delta_bias, delta_softplus):
     else:
         launch(_build(N, FWD_CHUNKS)["scan_fwd_warp"], (rows + FWD_WARPS - 1) // FWD_WARPS, 32 * FWD_WARPS,
                *args, y, *tail)
-    return (_wrap(y, (batch, KD, L), u),
-            scan_cache(u, delta, A, B, C, D, delta_bias, delta_softplus, (batch, KD, L, K, N)))
+    cache = scan_cache(u, delta, A, B, C, D, delta_bias, delta_softplus, (batch, KD, L, K, N))
+    cache["_flat_inputs"] = args
+    return _wrap(y, (batch, KD, L), u), cache
+
+
+def _flat_inputs(cache):
+    """Flat views of u, delta, A, B, C, D, delta_bias (zeros for a missing D / delta_bias): the
+    ones the forward made and kept in its cache, else made now (a cache built elsewhere)."""
+    kept = cache.get("_flat_inputs")
+    if kept is not None:
+        return kept
+    KD = cache["shape"][1]
+    return (*(_flat(cache[name]) for name in ("u", "delta", "A", "B", "C")),
+            _or_zeros(cache["D"], KD), _or_zeros(cache["delta_bias"], KD))
 
 
 def _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk):
@@ -1448,17 +1460,16 @@ def selective_scan_bwd_vec(dy, cache):
     Dg = KD // K
     nblk = (Dg + slots - 1) // slots
     nrounds = (L + seg * items - 1) // (seg * items)
-    D, bias = cache["D"], cache["delta_bias"]
-    ins = [_flat(cache[name]) for name in ("u", "delta", "A", "B", "C")]
+    ins = _flat_inputs(cache)
     dyd = _flat(dy)
     du, ddelta = _outputs(batch * KD * L, batch * KD * L)
     hstart, partB, partC, partA, partD, partbias = _scratch(
         batch * KD * nrounds * N, batch * K * nblk * N * L, batch * K * nblk * N * L, batch * KD * N, batch * KD,
         batch * KD)
-    vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
+    vec = vec_loads_ok(L, items, *ins[:2], *ins[3:5], dyd, du, ddelta)
     shared = slots * 2 * N * seg * items * 4
     launch(_build_vec(N, seg, items, vec, nrounds == 1)["scan_bwd_vec"], (nblk, K, batch), 32 * warps,
-           *ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
+           *ins, dyd, hstart, du, ddelta, partB, partC, partA, partD,
            partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])), sharedmem=shared)
     return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk)
 
@@ -1470,15 +1481,13 @@ def selective_scan_bwd(dy, cache):
     Dg = KD // K
     nblk = (Dg + BWD_WARPS - 1) // BWD_WARPS
     nrounds = (L + 32 * BWD_CHUNKS - 1) // (32 * BWD_CHUNKS)
-    D, bias = cache["D"], cache["delta_bias"]
     du, ddelta = _outputs(batch * KD * L, batch * KD * L)
     hstart, partB, partC, partA, partD, partbias = _scratch(
         batch * KD * nrounds * N, batch * K * nblk * N * L, batch * K * nblk * N * L, batch * KD * N, batch * KD,
         batch * KD)
     shared = BWD_WARPS * 2 * BWD_CHUNKS * 32 * N * 4
     launch(_build(N, BWD_CHUNKS)["scan_bwd_warp"], (nblk, K, batch), 32 * BWD_WARPS,
-        _flat(cache["u"]), _flat(cache["delta"]), _flat(cache["A"]), _flat(cache["B"]), _flat(cache["C"]),
-        _or_zeros(D, KD), _or_zeros(bias, KD), _flat(dy), hstart, du, ddelta, partB, partC, partA, partD,
+        *_flat_inputs(cache), _flat(dy), hstart, du, ddelta, partB, partC, partA, partD,
         partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"])), sharedmem=shared)
     return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache, nblk)
 
