@@ -37,8 +37,9 @@ from bench_scan import MAP_SHAPE, native, scan_inputs  # noqa: E402
 BACKENDS = ("cupy", "numba_cuda")
 
 
-def kernel_ms(fn, reps=20):
-    """(summed CUDA kernel time per call in ms, kernels per call), from torch.profiler."""
+def kernel_ms(fn, reps=20, per_kernel=None):
+    """(summed CUDA kernel time per call in ms, kernels per call), from torch.profiler. A dict
+    passed as ``per_kernel`` receives {kernel name: ms per call}."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     fn()
@@ -51,6 +52,10 @@ def kernel_ms(fn, reps=20):
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and "Memcpy" not in e.name
                and "Memset" not in e.name]
     total_us = sum(e.time_range.elapsed_us() for e in kernels)
+    if per_kernel is not None:
+        for e in kernels:
+            name = e.name.split("(")[0][:60]
+            per_kernel[name] = per_kernel.get(name, 0.0) + e.time_range.elapsed_us() / 1e3 / reps
     return total_us / 1e3 / reps, len(kernels) / reps
 
 
@@ -160,6 +165,7 @@ def main(argv=None):
     p.add_argument("--cases", default="scan49,cross,quad,dmca")
     p.add_argument("--sets", type=int, default=1, help="input sets the scan and DMCA cases rotate over "
                    "(bench_attention.py uses 3)")
+    p.add_argument("--per-kernel", action="store_true", help="also print each case's time by kernel name")
     p.add_argument("--versions", default="", help="comma-separated versions to keep (default: all but naive)")
     p.add_argument("--cprofile", default="", help="also cProfile the host side of the cases whose "
                    "'case impl' contains one of these ';'-separated texts (200 calls each; top 25 by own time)")
@@ -171,7 +177,11 @@ def main(argv=None):
     rows = []
     for case, impl, fn in cases(names, versions, args.sets):
         ev = common.median_ms(fn, reps=30, warmup=3)
-        kms, nk = kernel_ms(fn)
+        by_name = {} if args.per_kernel else None
+        kms, nk = kernel_ms(fn, per_kernel=by_name)
+        if by_name:
+            print(f"# {case} {impl} by kernel (ms per call): "
+                  + "; ".join(f"{k} {v:.4f}" for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])))
         hms = host_ms(fn)
         rows.append([case, impl, ev, kms, nk, hms])
         print(f"| {case} | {impl} | {ev:.4g} | {kms:.4g} | {nk:.3g} | {hms:.4g} |", flush=True)
