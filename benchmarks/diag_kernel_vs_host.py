@@ -54,7 +54,7 @@ def kernel_ms(fn, reps=20, per_kernel=None):
     total_us = sum(e.time_range.elapsed_us() for e in kernels)
     if per_kernel is not None:
         for e in kernels:
-            name = e.name.split("(")[0][:60]
+            name = e.name.split("(")[0]
             per_kernel[name] = per_kernel.get(name, 0.0) + e.time_range.elapsed_us() / 1e3 / reps
     return total_us / 1e3 / reps, len(kernels) / reps
 
