@@ -144,6 +144,18 @@ def test_numba_dmca_unsigned_kernels_have_no_wraparound_fixups(kernel):
         assert len(unsigned.splitlines()) < len(signed.splitlines()) * 0.7          # ~0.53 (numba 0.68)
 
 
+# --- Numba DMCA "tiled_staged": the softmax rows staged through shared memory, uint64 indices
+# throughout (no wrap-around fix-ups, no float64 in the float32 kernels, nothing in local memory).
+@pytest.mark.parametrize("kernel", ["softmax_rows_staged", "softmax_bwd_rows_staged"])
+def test_numba_dmca_staged_softmax_kernels_have_no_wraparound_fixups(kernel):
+    from numba import cuda
+    from sparx_ref.kernels.numba_cuda.attention import PTX_KERNELS
+    fn, sig = next((fn, sig) for name, fn, sig in PTX_KERNELS if name == f"{kernel}_float32")
+    ptx = cuda.compile_ptx(fn, sig, cc=(9, 0))[0]
+    assert "shr.s64" not in ptx and ".f64" not in ptx and ".local" not in ptx
+    assert "ld.shared.f32" in ptx and "st.shared.f32" in ptx and "bar.sync" in ptx
+
+
 # --- Numba window attention "static_unsigned" (same file): the static kernels with uint64 indices.
 # Signed, every shared-memory read of a 4x4 score / output tile carries the wrap-around fix-up (the
 # tile's rows and columns come out of a local array, so Numba cannot prove them >= 0).

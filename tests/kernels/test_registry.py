@@ -54,6 +54,9 @@ def test_ladders_exist_where_they_teach():
         assert [e.version for e in kernels.entries("ss2d_scan_fwd", backend) if e.default] == ["quad"]
         for op in ("selective_scan_fwd", "selective_scan_bwd"):
             assert [e.version for e in kernels.entries(op, backend) if e.default] == ["vec"]
+        for op in ("dmca_attention_fwd", "dmca_attention_bwd"):
+            want = "tiled" if backend == "cupy" else "tiled_staged"
+            assert [e.version for e in kernels.entries(op, backend) if e.default] == [want]
 
 
 def test_get_returns_the_default_and_named_versions():

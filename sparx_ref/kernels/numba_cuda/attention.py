@@ -44,6 +44,7 @@ __all__ = [
     "dmca_attention_fwd_naive", "dmca_attention_bwd_naive",
     "dmca_attention_fwd_tiled", "dmca_attention_bwd_tiled",
     "dmca_attention_fwd_tiled_unsigned", "dmca_attention_bwd_tiled_unsigned",
+    "dmca_attention_fwd_tiled_staged", "dmca_attention_bwd_tiled_staged",
     "PTX_KERNELS",
 ]
 
@@ -57,6 +58,7 @@ FUSED_THREADS = 64 if SIMULATOR else 128    # fused window kernels
 SMEM_LIMIT = 48 * 1024
 NPART_MAX = 4 if SIMULATOR else 512         # bias-gradient slabs per head (fused/static backward)
 STATIC_THREADS = 64 if SIMULATOR else 128   # static-shape window kernels
+STAGED_THREADS = 64 if SIMULATOR else 128   # staged softmax rows (DMCA "tiled_staged")
 _U = np.uint64                    # index type of the "tiled_unsigned" and "static_unsigned" kernels
 
 
@@ -346,6 +348,90 @@ def _build(T, tile):
             dP[s0 + j] = P[s0 + j] * (dP[s0 + j] - dot)
             j += _U(1)
 
+    # Softmax rows staged through shared memory (rung "tiled_staged"). One thread per row reads
+    # its row with a stride of N elements between neighbouring threads: every load and store is
+    # uncoalesced. Here a block first copies R consecutive rows (R * N contiguous elements) into
+    # shared memory with consecutive threads on consecutive elements, one thread per row then works
+    # on its shared row (row pitch N | 1 is odd: the R threads hit R different banks), and the
+    # block copies the rows back the same coalesced way. Same arithmetic, in the same order, as
+    # softmax_rows_unsigned / softmax_bwd_rows_unsigned.
+    @cuda.jit(device=True, inline=True)
+    def stage_rows(tile, at, src, base, count, Nu, pitch, tid, nthreads):
+        """tile[at + (e // N) * pitch + e % N] = src[base + e] for e < count (coalesced reads)."""
+        e = tid
+        while e < count:
+            tile[at + (e // Nu) * pitch + e % Nu] = src[base + e]
+            e += nthreads
+
+    @cuda.jit(device=True, inline=True)
+    def unstage_rows(dst, base, tile, at, count, Nu, pitch, tid, nthreads):
+        """dst[base + e] = tile[at + (e // N) * pitch + e % N] for e < count (coalesced writes)."""
+        e = tid
+        while e < count:
+            dst[base + e] = tile[at + (e // Nu) * pitch + e % Nu]
+            e += nthreads
+
+    @cuda.jit
+    def softmax_rows_staged(S, rows, N, R, pitch):
+        """Softmax in place over each row of S (rows, N), R rows per block through shared memory
+        (dynamic: R * pitch elements, pitch = N | 1). No bias or mask (the DMCA softmax)."""
+        tile = cuda.shared.array(0, T)
+        Nu, Ru, pu = _U(N), _U(R), _U(pitch)
+        tid, nthreads = _U(cuda.threadIdx.x), _U(cuda.blockDim.x)
+        r0 = _U(cuda.blockIdx.x) * Ru
+        nrows = min(Ru, _U(rows) - r0)
+        base = r0 * Nu
+        stage_rows(tile, _U(0), S, base, nrows * Nu, Nu, pu, tid, nthreads)
+        cuda.syncthreads()
+        if tid < nrows:
+            s0 = tid * pu
+            mx = neg_big
+            j = _U(0)
+            while j < Nu:
+                mx = max(mx, tile[s0 + j])
+                j += _U(1)
+            total = zero
+            j = _U(0)
+            while j < Nu:
+                e = math.exp(tile[s0 + j] - mx)
+                tile[s0 + j] = e
+                total += e
+                j += _U(1)
+            j = _U(0)
+            while j < Nu:
+                tile[s0 + j] = tile[s0 + j] / total
+                j += _U(1)
+        cuda.syncthreads()
+        unstage_rows(S, base, tile, _U(0), nrows * Nu, Nu, pu, tid, nthreads)
+
+    @cuda.jit
+    def softmax_bwd_rows_staged(P, dP, rows, N, R, pitch):
+        """dS = P * (dP - sum_j P*dP) over dP, R rows per block through shared memory (dynamic:
+        2 * R * pitch elements: the P rows, then the dP rows)."""
+        tile = cuda.shared.array(0, T)
+        Nu, Ru, pu = _U(N), _U(R), _U(pitch)
+        tid, nthreads = _U(cuda.threadIdx.x), _U(cuda.blockDim.x)
+        r0 = _U(cuda.blockIdx.x) * Ru
+        nrows = min(Ru, _U(rows) - r0)
+        base = r0 * Nu
+        d_off = Ru * pu                      # where the dP rows start in the shared array
+        stage_rows(tile, _U(0), P, base, nrows * Nu, Nu, pu, tid, nthreads)
+        stage_rows(tile, d_off, dP, base, nrows * Nu, Nu, pu, tid, nthreads)
+        cuda.syncthreads()
+        if tid < nrows:
+            s0 = tid * pu
+            dot = zero
+            j = _U(0)
+            while j < Nu:
+                dot += tile[s0 + j] * tile[d_off + s0 + j]
+                j += _U(1)
+            j = _U(0)
+            while j < Nu:
+                tile[d_off + s0 + j] = tile[s0 + j] * (tile[d_off + s0 + j] - dot)
+                j += _U(1)
+        cuda.syncthreads()
+        unstage_rows(dP, base, tile, d_off, nrows * Nu, Nu, pu, tid, nthreads)
+
     @cuda.jit
     def sum_leading(X, out, nb, inner):
         """out[e] = sum_b X[b*inner + e]; one thread per e (coalesced)."""
@@ -591,6 +677,7 @@ def _build(T, tile):
     return {"bmm_naive": bmm_naive, "bmm_tiled": bmm_tiled, "bmm_tiled_unsigned": bmm_tiled_unsigned,
             "softmax_rows": softmax_rows, "softmax_bwd_rows": softmax_bwd_rows,
             "softmax_rows_unsigned": softmax_rows_unsigned, "softmax_bwd_rows_unsigned": softmax_bwd_rows_unsigned,
+            "softmax_rows_staged": softmax_rows_staged, "softmax_bwd_rows_staged": softmax_bwd_rows_staged,
             "sum_leading": sum_leading,
             "window_fwd_fused": window_fwd_fused, "window_bwd_fused": window_bwd_fused}
 
@@ -1216,6 +1303,8 @@ def _ptx_kernels():
             "softmax_bwd_rows": [a, a, i64, i64],
             "softmax_rows_unsigned": [a, a, a, i64, i64, i64, i64, i64, i64],
             "softmax_bwd_rows_unsigned": [a, a, i64, i64],
+            "softmax_rows_staged": [a, i64, i64, i64, i64],
+            "softmax_bwd_rows_staged": [a, a, i64, i64, i64, i64],
             "sum_leading": [a, a, i64, i64],
             "window_fwd_fused": [a] * 7 + [i64] * 6 + [tn],
             "window_bwd_fused": [a] * 9 + [i64] * 5 + [tn],
@@ -1515,9 +1604,37 @@ def _dmca_inputs(q, k, v, groups):
     return q, k, v, int(groups), dt, like_cupy, (B, C, Ls, int(v.shape[2]))
 
 
-def _softmax_kernel(name, version):
-    """The rung "tiled_unsigned" also takes the uint64-index softmax kernels."""
-    return f"{name}_unsigned" if version == "tiled_unsigned" else name
+def _staged_rows(N, itemsize, tables):
+    """(rows per block, row pitch) of the staged softmax kernels: ``tables`` (1 or 2) shared
+    tables of R rows of pitch N | 1 within 48 KB, R at most 32 (one thread per row)."""
+    pitch = N | 1
+    return max(1, min(32, SMEM_LIMIT // (tables * pitch * itemsize))), pitch
+
+
+def _dmca_softmax(version, dt, S, rows, N):
+    """Softmax over the rows of S (rows, N) in place, as the rung ``version`` does it."""
+    if version == "tiled_staged":
+        R, pitch = _staged_rows(N, dt.itemsize, 1)
+        launch(_k(dt, "softmax_rows_staged"), (rows + R - 1) // R, STAGED_THREADS, S, np.int64(rows),
+               np.int64(N), np.int64(R), np.int64(pitch), sharedmem=R * pitch * dt.itemsize)
+    else:
+        _softmax_rows(dt, S, rows, N, kernel="softmax_rows_unsigned" if version == "tiled_unsigned" else "softmax_rows")
+
+
+def _dmca_softmax_bwd(version, dt, P, dP, rows, N):
+    """dP <- P * (dP - rowsum(P * dP)), as the rung ``version`` does it."""
+    if version == "tiled_staged":
+        R, pitch = _staged_rows(N, dt.itemsize, 2)
+        launch(_k(dt, "softmax_bwd_rows_staged"), (rows + R - 1) // R, STAGED_THREADS, P, dP, np.int64(rows),
+               np.int64(N), np.int64(R), np.int64(pitch), sharedmem=2 * R * pitch * dt.itemsize)
+    else:
+        _softmax_bwd_rows(dt, P, dP, rows, N,
+                          kernel="softmax_bwd_rows_unsigned" if version == "tiled_unsigned" else "softmax_bwd_rows")
+
+
+def _gemm_version(version):
+    """The GEMM kernels a rung uses ("tiled_staged" keeps the uint64-index GEMMs)."""
+    return "tiled_unsigned" if version == "tiled_staged" else version
 
 
 def _dmca_fwd(version, q, k, v, groups):
@@ -1527,9 +1644,10 @@ def _dmca_fwd(version, q, k, v, groups):
     qf, kf, vf = flat(q), flat(k), flat(v)       # flat views made once, kept for the backward
     attn_f, out_f = empty_flats([B * C * g, B * C * L], dt)
     alpha = 1.0 / math.sqrt(Ls)
-    _bmm(version, dt, qf, kf, attn_f, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
-    _softmax_rows(dt, attn_f, BG * g, g, kernel=_softmax_kernel("softmax_rows", version))
-    _bmm(version, dt, attn_f, vf, out_f, BG, g, L, g, (g * g, g, 1), (g * L, L, 1), 1.0)
+    gemm = _gemm_version(version)
+    _bmm(gemm, dt, qf, kf, attn_f, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
+    _dmca_softmax(version, dt, attn_f, BG * g, g)
+    _bmm(gemm, dt, attn_f, vf, out_f, BG, g, L, g, (g * g, g, 1), (g * L, L, 1), 1.0)
     attn = as_array(attn_f, (B, G, g, g))
     cache = {"q": q, "k": k, "v": v, "attn": _wrap(attn, like_cupy), "groups": G,
              "_flat": (qf, kf, vf, attn_f), "_like_cupy": like_cupy}
@@ -1553,11 +1671,12 @@ def _dmca_bwd(version, dout, cache):
     doutf = flat(dout)
     # dq, dk, dv (returned) and dS (internal) from one allocation
     dq_f, dk_f, dv_f, dS = empty_flats([B * C * Ls, B * C * Ls, B * C * L, B * G * g * g], dt)
-    _bmm(version, dt, attn_f, doutf, dv_f, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
-    _bmm(version, dt, doutf, vf, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)
-    _softmax_bwd_rows(dt, attn_f, dS, BG * g, g, kernel=_softmax_kernel("softmax_bwd_rows", version))
-    _bmm(version, dt, dS, kf, dq_f, BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha)
-    _bmm(version, dt, dS, qf, dk_f, BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha)
+    gemm = _gemm_version(version)
+    _bmm(gemm, dt, attn_f, doutf, dv_f, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
+    _bmm(gemm, dt, doutf, vf, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)
+    _dmca_softmax_bwd(version, dt, attn_f, dS, BG * g, g)
+    _bmm(gemm, dt, dS, kf, dq_f, BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha)
+    _bmm(gemm, dt, dS, qf, dk_f, BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha)
     return {"q": _wrap(as_array(dq_f, (B, C, Ls)), like_cupy), "k": _wrap(as_array(dk_f, (B, C, Ls)), like_cupy),
             "v": _wrap(as_array(dv_f, (B, C, L)), like_cupy)}
 
@@ -1593,16 +1712,28 @@ def dmca_attention_bwd_tiled_unsigned(dout, cache):
     return _dmca_bwd("tiled_unsigned", dout, cache)
 
 
+def dmca_attention_fwd_tiled_staged(q, k, v, groups=4):
+    """The uint64-index GEMMs of "tiled_unsigned"; the softmax rows staged through shared memory
+    so that their loads and stores are coalesced (one thread per row had neighbouring threads
+    N elements apart)."""
+    return _dmca_fwd("tiled_staged", q, k, v, groups)
+
+
+def dmca_attention_bwd_tiled_staged(dout, cache):
+    """Backward of "tiled_staged": its GEMMs and the staged softmax backward."""
+    return _dmca_bwd("tiled_staged", dout, cache)
+
+
 def dmca_attention_fwd(q, k, v, groups=4):
     """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_fwd` on device arrays.
 
     q, k ``(B, C, Ls)``, v ``(B, C, L)``; per image and group of ``g = C/groups`` channels
     ``out_g = softmax(q_g k_g^T / sqrt(Ls)) v_g``. Returns ``out`` ``(B, C, L)`` and a cache
-    with ``"attn"`` ``(B, groups, g, g)``. Default version: ``tiled_unsigned``.
+    with ``"attn"`` ``(B, groups, g, g)``. Default version: ``tiled_staged``.
     """
-    return dmca_attention_fwd_tiled_unsigned(q, k, v, groups)
+    return dmca_attention_fwd_tiled_staged(q, k, v, groups)
 
 
 def dmca_attention_bwd(dout, cache):
-    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``. Default version: ``tiled_unsigned``."""
-    return dmca_attention_bwd_tiled_unsigned(dout, cache)
+    """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``. Default version: ``tiled_staged``."""
+    return dmca_attention_bwd_tiled_staged(dout, cache)
