@@ -660,6 +660,11 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
     if key in _VEC_BUILT:
         return _VEC_BUILT[key]
     VROUND = SEG * ITEMS
+    SEG_SHIFT = SEG.bit_length() - 1        # SEG is a power of two: x // SEG == x >> SEG_SHIFT for x >= 0
+    assert SEG == 1 << SEG_SHIFT
+    U_VROUND = _U(VROUND)                   # uint64 constants of the backward's dB/dC reduction
+    U_STEPS = _U(NSTATE * VROUND)           # one slot's dB (or dC) part in shared memory
+    U_TWO_STEPS = _U(2 * NSTATE * VROUND)   # one slot's dB and dC parts
     ITEMS1 = ITEMS + 1
     VW = 4 if ITEMS % 4 == 0 else (2 if ITEMS % 2 == 0 else 1)
     VEC = bool(VEC) and VW > 1
@@ -758,7 +763,7 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
         sl = lane & (SEG - 1)
         seg0 = lane - sl
         nrows = batch * KD
-        row = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // SEG
+        row = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) >> SEG_SHIFT   # // SEG, no sign fix-up
         active = row < nrows
         if not active:
             row = nrows - 1
@@ -816,7 +821,9 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
                      partD, partbias, batch, KD, L, K, softplus):
         """Backward of scan_fwd_vec (see the CUDA C scan_bwd_vec): pass 1 stores the state
         entering every round, pass 2 walks the rounds backwards with a segment suffix scan of the
-        adjoint; dB/dC summed over the block's rows in shared memory (deterministic)."""
+        adjoint; dB/dC summed over the block's rows in shared memory (deterministic). The
+        indices of the per-round accesses are cast to uint64 (_U): never negative, and Numba then
+        emits no negative-index fix-up for them."""
         sred = cuda.shared.array(0, float32)
         lane = cuda.threadIdx.x & 31
         sl = lane & (SEG - 1)
@@ -865,7 +872,7 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
             t0 = s * VROUND + sl * ITEMS
             if active and sl == 0:
                 for n in range(NSTATE):
-                    hstart[hoff + s * NSTATE + n] = carry[n]
+                    hstart[_U(hoff + s * NSTATE + n)] = carry[n]
             if s == nrounds - 1:
                 break
             more = s + 2 < nrounds          # round s + 1 is needed unless it is the last
@@ -912,7 +919,7 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
             # forward recompute: hh[n, i] = state before step i, hh[n, ITEMS] after the last
             gates(uv, zv, Bv, An, bc, softplus, t0, L, dtv, a, bb)
             for n in range(NSTATE):
-                cin = f32(0.0) if ONE_ROUND or not active else hstart[hoff + s * NSTATE + n]
+                cin = f32(0.0) if ONE_ROUND or not active else hstart[_U(hoff + s * NSTATE + n)]
                 h, c_unused = lane_entry(a, bb, n, cin, sl, seg0)
                 hh[n, 0] = h
                 for i in range(ITEMS):
@@ -971,23 +978,30 @@ def _build_vec(NSTATE: int, SEG: int, ITEMS: int, VEC: bool, ONE_ROUND: bool = F
                 sb = ((slot * 2) * NSTATE + n) * VROUND + sl * ITEMS
                 sc = ((slot * 2 + 1) * NSTATE + n) * VROUND + sl * ITEMS
                 for i in range(ITEMS):
-                    sred[sb + i] = cb[n, i]
-                    sred[sc + i] = cc[n, i]
+                    sred[_U(sb + i)] = cb[n, i]
+                    sred[_U(sc + i)] = cc[n, i]
             cuda.syncthreads()
-            e = cuda.threadIdx.x
-            while e < NSTATE * VROUND:
-                n = e // VROUND
-                tt = e % VROUND
-                if base + tt < L:
+            # all in uint64 (every constant too: uint64 op int64 is float64 in Numba); the slots
+            # past Dg hold copies of the last row and are skipped
+            first_row = _U(cuda.blockIdx.x * nslots)
+            e = _U(cuda.threadIdx.x)
+            while e < U_STEPS:
+                n_u = e // U_VROUND
+                tt = e % U_VROUND
+                if _U(base) + tt < _U(L):
                     sbv = f32(0.0)
                     scv = f32(0.0)
-                    for q in range(nslots):
-                        if cuda.blockIdx.x * nslots + q < Dg:      # idle rows hold copies: skip
-                            sbv += sred[((q * 2) * NSTATE + n) * VROUND + tt]
-                            scv += sred[((q * 2 + 1) * NSTATE + n) * VROUND + tt]
-                    partB[poff + n * L + base + tt] = sbv
-                    partC[poff + n * L + base + tt] = scv
-                e += cuda.blockDim.x
+                    q = _U(0)
+                    while q < _U(nslots):                 # slot q's dB part, its dC part U_STEPS on
+                        if first_row + q < _U(Dg):
+                            at = (q * U_TWO_STEPS) + n_u * U_VROUND + tt
+                            sbv += sred[at]
+                            scv += sred[at + U_STEPS]
+                        q += _U(1)
+                    out = _U(poff) + n_u * _U(L) + _U(base) + tt
+                    partB[out] = sbv
+                    partC[out] = scv
+                e += _U(cuda.blockDim.x)
             cuda.syncthreads()
             if more:
                 for i in range(ITEMS):
