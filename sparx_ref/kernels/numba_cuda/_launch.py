@@ -278,7 +278,7 @@ class FlatView:
         self.owner = owner
         self.ptr = int(ptr)
         self.size = int(size)
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
         self._key = (FlatView, self.dtype, 1, "C", False)
         self._fields = [0, 0, self.size, self.dtype.itemsize, self.ptr, self.size, self.dtype.itemsize]
 
@@ -396,12 +396,24 @@ def as_array(x, shape):
     return x if tuple(x.shape) == shape else x.reshape(shape)
 
 
+def _numba_classes():
+    """(MemoryPointer, DeviceNDArray), imported once (an import statement costs ~1 us a call)."""
+    global _CLASSES
+    if _CLASSES is None:
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        from numba.cuda.cudadrv.driver import MemoryPointer
+        _CLASSES = (MemoryPointer, DeviceNDArray)
+    return _CLASSES
+
+
+_CLASSES = None
+
+
 def _piece(owner, ptr, nbytes):
     """``nbytes`` of the allocation ``owner`` from device address ``ptr``, as a MemoryPointer
     that holds ``owner`` (so the allocation lives while the piece does). What ``owner.view``
     returns, without its OwnedPointer / weakref proxy wrapping (~3 us)."""
-    from numba.cuda.cudadrv.driver import MemoryPointer
-    return MemoryPointer(owner.context, ctypes.c_void_p(ptr), nbytes, owner=owner)
+    return _numba_classes()[0](owner.context, ctypes.c_void_p(ptr), nbytes, owner=owner)
 
 
 _TEMPLATES: dict = {}       # (shape, dtype) -> attributes of a C-contiguous DeviceNDArray but gpu_data
@@ -412,7 +424,7 @@ def _device_ndarray(shape, dtype, gpu_data):
     context lookup). The first array of each (shape, dtype) is built by Numba's constructor and
     its attributes other than ``gpu_data`` (shape, strides, size, the index helper ``_dummy``,
     never modified after construction) are kept; later ones copy them (~0.3 us instead of ~2-10 us)."""
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    DeviceNDArray = _numba_classes()[1]
     key = (shape, dtype)
     template = _TEMPLATES.get(key)
     if template is None:

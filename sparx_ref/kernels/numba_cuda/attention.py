@@ -1280,11 +1280,18 @@ _KERNELS: dict = {}
 
 
 def _k(dtype, name):
-    key = np.dtype(dtype).name
-    if key not in _KERNELS:
+    """The kernel ``name`` built for ``dtype`` (float32 / float64), built on first use. Keyed by
+    the dtype object itself: ``np.dtype(...).name`` costs ~4 us a call."""
+    kernels = _KERNELS.get(dtype)
+    if kernels is None:
         from numba import float32, float64
-        _KERNELS[key] = _build(float32 if key == "float32" else float64, TILE)
-    return _KERNELS[key][name]
+        key = np.dtype(dtype)
+        kernels = _KERNELS.get(key)
+        if kernels is None:
+            kernels = _build(float32 if key == np.float32 else float64, TILE)
+            _KERNELS[key] = kernels
+        _KERNELS[dtype] = kernels
+    return kernels[name]
 
 
 def _ptx_kernels():
