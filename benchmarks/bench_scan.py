@@ -11,7 +11,8 @@ Float32, SparX-Mamba-T shapes at batch 64, side by side in one run on one card:
   with our own kernels) at x = (64, 192, 56, 56);
 - CPU: "numba_cpu" selective_scan_fwd at (1, 768, 3136) vs the reference op, 2 threads.
 
-Per row: median time (CUDA events), the byte floor (bytes at the device-copy bandwidth
+Per row: median time (CUDA events; in the scan section the median of --rounds rounds in which
+the backends take turns, since a host-bound call at L = 49 swings with the host), the byte floor (bytes at the device-copy bandwidth
 measured in this run), the fraction of the floor, and the ratio to the PyTorch equivalent
 measured in this run (a pure-torch loop scan, mamba's ``selective_scan_ref`` style; plain-torch
 cross-scan/merge as in VMamba; > 1: the kernel is faster). Floors count 4-byte elements:
@@ -33,6 +34,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -165,7 +167,7 @@ def _is_default(op, backend, version):
     return any(e.default for e in kernels.entries(op, backend) if e.version == version)
 
 
-def bench_scan(bw, rows, results, backends, quick, versions=None, shapes=None, torch_baseline=True):
+def bench_scan(bw, rows, results, backends, quick, versions=None, shapes=None, torch_baseline=True, rounds=3):
     import torch
     todo = SCAN_SHAPES[:1] + SCAN_SHAPES[-1:] if quick else SCAN_SHAPES
     if shapes:
@@ -195,32 +197,47 @@ def bench_scan(bw, rows, results, backends, quick, versions=None, shapes=None, t
             rows.append([f"scan fwd {shape}", "torch loop", t_torch, fl_fwd, fl_fwd / t_torch, 1.0])
             rows.append([f"scan fwd+bwd {shape}", "torch loop", t_torch_fb, fl_fb, fl_fb / t_torch_fb, 1.0])
         outs, grads = {}, {}
+        calls = []      # (backend, fwd version, fwd fn, bwd version, forward call, forward+backward call)
         for backend in backends:
             nargs = [native(backend, a) for a in args]
             ndy = native(backend, dy)
             for version, fn, bversion, bfn in _scan_pairs(backend, versions, quick):
-                t = _time(lambda fn=fn: fn(*nargs, delta_softplus=True))
-                y, _ = fn(*nargs, delta_softplus=True)
-                outs[(backend, version)] = y
-                err = _rel(y, y_torch) if y_torch is not None else nan
-                vs = t_torch / t if t_torch else nan
-                results.append(dict(section="scan", shape=shape, impl=f"{backend}/{version}", fwd_ms=t,
-                                    floor_ms=fl_fwd, frac=fl_fwd / t, vs_torch=vs, err_vs_torch=err,
-                                    default=_is_default("selective_scan_fwd", backend, version)))
-                rows.append([f"scan fwd {shape}", f"{backend}/{version}", t, fl_fwd, fl_fwd / t, vs])
+                def fwd_call(fn=fn, nargs=nargs):
+                    return fn(*nargs, delta_softplus=True)
 
                 def fb(fwd=fn, bwd=bfn, nargs=nargs, ndy=ndy):
                     _, cache = fwd(*nargs, delta_softplus=True)
                     return bwd(ndy, cache)
-                t = _time(fb)
-                grads[(backend, version, bversion)] = fb()
-                vs = t_torch_fb / t if t_torch_fb else nan
-                pair = version if bversion == version else f"{version}+bwd {bversion}"
-                results.append(dict(section="scan", shape=shape, impl=f"{backend}/{pair} fwd+bwd", fb_ms=t,
-                                    floor_ms=fl_fb, frac=fl_fb / t, vs_torch=vs, bwd_version=bversion,
-                                    default=_is_default("selective_scan_fwd", backend, version)
-                                    and _is_default("selective_scan_bwd", backend, bversion)))
-                rows.append([f"scan fwd+bwd {shape}", f"{backend}/{pair}", t, fl_fb, fl_fb / t, vs])
+                calls.append((backend, version, bversion, fwd_call, fb))
+        # Every call is timed once per round, the backends taking turns, and a figure is the median
+        # of its rounds: at L = 49 a call is host-bound, and a slow spell of the host would
+        # otherwise land on whichever backend happened to be measured then.
+        t_fwd = [[] for _ in calls]
+        t_fb = [[] for _ in calls]
+        for _ in range(rounds):
+            for i, (*_unused, fwd_call, fb) in enumerate(calls):
+                t_fwd[i].append(_time(fwd_call))
+                t_fb[i].append(_time(fb))
+        for i, (backend, version, bversion, fwd_call, fb) in enumerate(calls):
+            t = statistics.median(t_fwd[i])
+            y, _ = fwd_call()
+            outs[(backend, version)] = y
+            err = _rel(y, y_torch) if y_torch is not None else nan
+            vs = t_torch / t if t_torch else nan
+            results.append(dict(section="scan", shape=shape, impl=f"{backend}/{version}", fwd_ms=t,
+                                floor_ms=fl_fwd, frac=fl_fwd / t, vs_torch=vs, err_vs_torch=err,
+                                rounds_ms=t_fwd[i], default=_is_default("selective_scan_fwd", backend, version)))
+            rows.append([f"scan fwd {shape}", f"{backend}/{version}", t, fl_fwd, fl_fwd / t, vs])
+            t = statistics.median(t_fb[i])
+            grads[(backend, version, bversion)] = fb()
+            vs = t_torch_fb / t if t_torch_fb else nan
+            pair = version if bversion == version else f"{version}+bwd {bversion}"
+            results.append(dict(section="scan", shape=shape, impl=f"{backend}/{pair} fwd+bwd", fb_ms=t,
+                                floor_ms=fl_fb, frac=fl_fb / t, vs_torch=vs, bwd_version=bversion,
+                                rounds_ms=t_fb[i],
+                                default=_is_default("selective_scan_fwd", backend, version)
+                                and _is_default("selective_scan_bwd", backend, bversion)))
+            rows.append([f"scan fwd+bwd {shape}", f"{backend}/{pair}", t, fl_fb, fl_fb / t, vs])
         keys = list(outs)
         for k in keys[1:]:
             results.append(dict(section="check", shape=shape, a=str(keys[0]), b=str(k),
@@ -230,7 +247,7 @@ def bench_scan(bw, rows, results, backends, quick, versions=None, shapes=None, t
             results.append(dict(section="check", shape=shape, a=str(gkeys[0]), b=str(k), rel_err=max(
                 _rel(grads[k][name], grads[gkeys[0]][name]) for name in ("u", "delta", "A", "B", "C", "D",
                                                                           "delta_bias"))))
-        del x, args, outs, grads, y_torch, nargs, ndy
+        del x, args, outs, grads, y_torch, calls
         torch.cuda.empty_cache()
 
 
@@ -425,6 +442,8 @@ def main(argv=None):
     ap.add_argument("--cpu-threads", type=int, default=2)
     ap.add_argument("--versions", help="scan section: only these selective_scan_fwd versions, e.g. vec,warp "
                                        "(each timed fwd and fwd+bwd with the backward of the same name)")
+    ap.add_argument("--rounds", type=int, default=3, help="scan section: rounds of timings, the backends taking "
+                    "turns; each figure is the median over the rounds")
     ap.add_argument("--shapes", help="scan section: only the shapes with these L, e.g. 3136,49")
     ap.add_argument("--backends", help="GPU backends to run, e.g. cupy (default: every available one)")
     ap.add_argument("--no-torch", action="store_true", help="skip the pure-torch baselines of the scan "
@@ -455,7 +474,8 @@ def main(argv=None):
         for name, fn in (("scan", bench_scan), ("cross", bench_cross), ("ss2d", bench_ss2d)):
             if name in gpu_sections:
                 if name == "scan":
-                    bench_scan(bw, rows, results, backends, args.quick, versions, shapes, not args.no_torch)
+                    bench_scan(bw, rows, results, backends, args.quick, versions, shapes, not args.no_torch,
+                               args.rounds)
                 else:
                     fn(bw, rows, results, backends, args.quick)
                 if args.json:        # after every section: a run cut short keeps its numbers
