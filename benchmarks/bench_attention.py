@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -182,6 +183,19 @@ def _to_backend(backend, t):
     return cuda.as_cuda_array(t)
 
 
+def _time_rounds(pairs, reps, rounds):
+    """[(fwd ms, fwd+bwd ms)] for [(fwd call, fwd+bwd call)]: every call is timed once per round,
+    all of them taking turns, and each figure is the median of its rounds. The Numba DMCA calls
+    are host-bound, and a slow spell of the host would otherwise land on whichever version
+    happened to be measured then (one H100 run timed the same Numba launches at 0.44 and 0.59 ms)."""
+    times = [([], []) for _ in pairs]
+    for _ in range(rounds):
+        for (fwd, fb), (t_fwd, t_fb) in zip(pairs, times):
+            t_fwd.append(median_ms(fwd, reps))
+            t_fb.append(median_ms(fb, reps))
+    return [(statistics.median(t_fwd), statistics.median(t_fb)) for t_fwd, t_fb in times]
+
+
 def _row(label, ms_fwd, ms_fb, prob, floors, torch_ms):
     bw, rate = floors
     fl_f = max(prob["fwd_bytes"] / (bw * 1e9), prob["fwd_flops"] / (rate * 1e12)) * 1e3
@@ -194,7 +208,7 @@ def _row(label, ms_fwd, ms_fb, prob, floors, torch_ms):
     return r
 
 
-def bench_window(floors, sets, reps, sweep):
+def bench_window(floors, sets, reps, sweep, rounds=3):
     import torch
     from sparx_ref.ref.window_attention import window_attention_fwd as ref_fwd
     from sparx_ref.testing import rel_err
@@ -207,7 +221,7 @@ def bench_window(floors, sets, reps, sweep):
     mask = torch.from_numpy(_shift_mask(8, 7, 3)).cuda()
     inputs = [dict(q=rnd(Bw, nH, N, hd), k=rnd(Bw, nH, N, hd), v=rnd(Bw, nH, N, hd), bias=0.5 * rnd(nH, N, N),
                    dout=rnd(Bw, nH, N, hd)) for _ in range(sets)]
-    rows, torch_ms = [], {}
+    runs = []        # (label, fwd call, fwd+bwd call, output error vs float64 or None), timed together
     # torch forms
     for tname, form in (("explicit", torch_window_explicit), ("sdpa", torch_window_sdpa)):
         leaves = [{n: x[n].clone().requires_grad_(True) for n in ("q", "k", "v", "bias")} for x in inputs]
@@ -225,13 +239,13 @@ def bench_window(floors, sets, reps, sweep):
             it[0] += 1
             out = form(x["q"], x["k"], x["v"], x["bias"], mask, scale, nW)
             return torch.autograd.grad(out, [x["q"], x["k"], x["v"], x["bias"]], inputs[i]["dout"])
-        torch_ms[tname] = (median_ms(fwd, reps), median_ms(fb, reps))
-        rows.append(dict(label=f"torch {tname}", fwd_ms=torch_ms[tname][0], fwdbwd_ms=torch_ms[tname][1]))
+        runs.append((f"torch {tname}", fwd, fb, None))
     # correctness of the kernels at this shape, on a slice of windows, vs the float64 reference
     sl = slice(0, 2 * nW)
     x0 = inputs[0]
     ref_out, _ = ref_fwd(*(x0[n][sl].double().cpu().numpy() for n in ("q", "k", "v")),
                          x0["bias"].double().cpu().numpy(), mask.double().cpu().numpy())
+    sweeps = []
     for backend, version, default, launch_mode in _kernel_runs("window_attention_fwd"):
         fwd_k, bwd_k = _with_launch_mode(_fns(backend, "window", version), launch_mode)
         xs = [{n: _to_backend(backend, x[n]) for n in ("q", "k", "v", "bias", "dout")} for x in inputs]
@@ -251,12 +265,13 @@ def bench_window(floors, sets, reps, sweep):
             it[0] += 1
             _, cache = fwd_k(x["q"], x["k"], x["v"], x["bias"], mk)
             return bwd_k(x["dout"], cache)
-        r = _row(_label(backend, version, default, launch_mode), median_ms(kf, reps), median_ms(kfb, reps),
-                 prob, floors, torch_ms)
-        r["rel_err_out_vs_f64"] = err
-        rows.append(r)
+        runs.append((_label(backend, version, default, launch_mode), kf, kfb, err))
         if sweep and version == "static" and launch_mode is None:
-            rows += _sweep_window(backend, version, kf, kfb, prob, floors, torch_ms, reps)
+            sweeps.append((backend, version, kf, kfb))
+    times = _time_rounds([(f, fb) for _, f, fb, _ in runs], reps, rounds)
+    rows, torch_ms = _rows_from_runs(runs, times, prob, floors)
+    for backend, version, kf, kfb in sweeps:
+        rows += _sweep_window(backend, version, kf, kfb, prob, floors, torch_ms, reps)
     return prob, rows
 
 
@@ -344,7 +359,7 @@ def numba_overheads():
     return out
 
 
-def bench_dmca(prob, floors, sets, reps):
+def bench_dmca(prob, floors, sets, reps, rounds=3):
     import torch
     from sparx_ref.ref.dmca import dmca_attention_fwd as ref_fwd
     from sparx_ref.testing import rel_err
@@ -352,7 +367,7 @@ def bench_dmca(prob, floors, sets, reps):
     gen = torch.Generator(device="cuda").manual_seed(1)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
     inputs = [dict(q=rnd(B, C, Ls), k=rnd(B, C, Ls), v=rnd(B, C, L), dout=rnd(B, C, L)) for _ in range(sets)]
-    rows, torch_ms = [], {}
+    runs = []        # (label, fwd call, fwd+bwd call, output error vs float64 or None), timed together
     for tname, form in (("explicit", torch_dmca_explicit), ("sdpa", torch_dmca_sdpa)):
         leaves = [{n: x[n].clone().requires_grad_(True) for n in ("q", "k", "v")} for x in inputs]
         it = [0]
@@ -369,8 +384,7 @@ def bench_dmca(prob, floors, sets, reps):
             it[0] += 1
             out = form(x["q"], x["k"], x["v"], G)
             return torch.autograd.grad(out, [x["q"], x["k"], x["v"]], inputs[i]["dout"])
-        torch_ms[tname] = (median_ms(fwd, reps), median_ms(fb, reps))
-        rows.append(dict(label=f"torch {tname}", fwd_ms=torch_ms[tname][0], fwdbwd_ms=torch_ms[tname][1]))
+        runs.append((f"torch {tname}", fwd, fb, None))
     x0 = inputs[0]
     ref_out, _ = ref_fwd(*(x0[n][:2].double().cpu().numpy() for n in ("q", "k", "v")), groups=G)
     for backend, version, default, launch_mode in _kernel_runs("dmca_attention_fwd"):
@@ -391,11 +405,25 @@ def bench_dmca(prob, floors, sets, reps):
             it[0] += 1
             _, cache = fwd_k(x["q"], x["k"], x["v"], G)
             return bwd_k(x["dout"], cache)
-        r = _row(_label(backend, version, default, launch_mode), median_ms(kf, reps), median_ms(kfb, reps),
-                 prob, floors, torch_ms)
-        r["rel_err_out_vs_f64"] = err
-        rows.append(r)
+        runs.append((_label(backend, version, default, launch_mode), kf, kfb, err))
+    times = _time_rounds([(f, fb) for _, f, fb, _ in runs], reps, rounds)
+    rows, _ = _rows_from_runs(runs, times, prob, floors)
     return rows
+
+
+def _rows_from_runs(runs, times, prob, floors):
+    """The table rows of one problem from its timed runs (torch forms first: the kernels' rows
+    carry their ratios to them); also returns {torch form: (fwd ms, fwd+bwd ms)}."""
+    torch_ms = {label.split(" ", 1)[1]: t for (label, *_), t in zip(runs, times) if label.startswith("torch ")}
+    rows = []
+    for (label, _, _, err), (t_fwd, t_fb) in zip(runs, times):
+        if err is None:
+            rows.append(dict(label=label, fwd_ms=t_fwd, fwdbwd_ms=t_fb))
+        else:
+            r = _row(label, t_fwd, t_fb, prob, floors, torch_ms)
+            r["rel_err_out_vs_f64"] = err
+            rows.append(r)
+    return rows, torch_ms
 
 
 def _print(title, prob, rows, floors):
@@ -455,6 +483,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of timings, every version and torch form "
+                    "taking turns; each figure is the median over the rounds")
     ap.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (defeats L2 reuse)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the fused kernels' block size and slab count")
     ap.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
@@ -477,11 +507,11 @@ def main(argv=None):
     print(f"measured: copy bandwidth {bw:.0f} GB/s, fp32 matmul (TF32 off) {rate:.1f} TFLOP/s")
     results = dict(card=card, date=stamp, copy_gbs=bw, fp32_tflops=rate, problems=[])
     if not args.dmca_only:
-        prob, rows = bench_window(floors, args.sets, args.reps, args.sweep)
+        prob, rows = bench_window(floors, args.sets, args.reps, args.sweep, args.rounds)
         _print("window attention", prob, rows, floors)
         results["problems"].append(dict(problem=prob, rows=rows))
     for p in (dmca_problem(C=192, L=784), dmca_problem(C=320, L=196)):
-        rows = bench_dmca(p, floors, args.sets, args.reps)
+        rows = bench_dmca(p, floors, args.sets, args.reps, args.rounds)
         _print("DMCA attention", p, rows, floors)
         results["problems"].append(dict(problem=p, rows=rows))
     over = numba_overheads()

@@ -12,8 +12,8 @@ Float32, SparX-Mamba-T shapes at batch 64, side by side in one run on one card:
 - CPU: "numba_cpu" selective_scan_fwd at (1, 768, 3136) vs the reference op, 2 threads.
 
 Per row: median time (CUDA events; in the scan section the median of --rounds rounds in which
-the backends take turns, since a host-bound call at L = 49 swings with the host), the byte floor (bytes at the device-copy bandwidth
-measured in this run), the fraction of the floor, and the ratio to the PyTorch equivalent
+the backends take turns, since a host-bound call at L = 49 swings with the host), the byte
+floor (bytes at the device-copy bandwidth measured in this run), the fraction of the floor, and the ratio to the PyTorch equivalent
 measured in this run (a pure-torch loop scan, mamba's ``selective_scan_ref`` style; plain-torch
 cross-scan/merge as in VMamba; > 1: the kernel is faster). Floors count 4-byte elements:
 scan fwd reads u, delta (b*KD*L each), B, C (b*K*N*L each), writes y (b*KD*L); scan bwd reads
