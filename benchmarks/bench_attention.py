@@ -9,7 +9,8 @@ Float32, side by side in one run on one card:
 
 For every kernel version of both backends and for two PyTorch forms (the explicit
 matmul-softmax-matmul, and ``scaled_dot_product_attention`` with bias and mask folded into
-the heads): median time (CUDA events, inputs rotated over several sets), the byte and flop
+the heads): median time (CUDA events, inputs rotated over several sets; the median of --rounds
+rounds in which every version and torch form takes its turn), the byte and flop
 floors from the copy bandwidth and fp32 matmul rate (TF32 off) measured in this run, the
 fraction of the floor, and the ratio to each torch form (> 1: the kernel is faster).
 
