@@ -18,7 +18,7 @@ CPU:
   the CPU byte floor.
 
 :func:`fmt_table` prints rows as a Markdown table (``scripts/gpu-check`` collects lines that
-start with ``|``).
+start with ``|``). :func:`profile_text`: cProfile of repeated calls, as text (the diag scripts).
 """
 from __future__ import annotations
 
@@ -163,3 +163,19 @@ def env_threads(n: int) -> None:
     """Pin BLAS/OpenMP/Numba thread counts (call before importing numba/numpy-heavy code)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(var, str(n))
+
+
+def profile_text(fn, calls, sorts=(("tottime", 25), ("cumulative", 30))):
+    """cProfile of ``calls`` calls of ``fn``, as text: one listing per (sort key, rows) of ``sorts``."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    out = io.StringIO()
+    for key, limit in sorts:
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(limit)
+    return out.getvalue()

@@ -186,18 +186,7 @@ def main(argv=None):
         rows.append([case, impl, ev, kms, nk, hms])
         print(f"| {case} | {impl} | {ev:.4g} | {kms:.4g} | {nk:.3g} | {hms:.4g} |", flush=True)
         if args.cprofile and any(c and c in f"{case} {impl}" for c in args.cprofile.split(";")):
-            import cProfile
-            import io
-            import pstats
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(200):
-                fn()
-            prof.disable()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
-            print(f"# cProfile, 200 calls of {case} {impl}:\n" + out.getvalue(), flush=True)
+            print(f"# cProfile, 200 calls of {case} {impl}:\n" + common.profile_text(fn, 200), flush=True)
     print(common.fmt_table(["case", "impl", "event ms", "kernel ms", "kernels/call", "host ms"], rows))
 
 

@@ -13,21 +13,21 @@ GPU runs; the GPU figures (``diag_kernel_vs_host.py``, the benchmarks) remain th
 from __future__ import annotations
 
 import argparse
-import cProfile
 import ctypes
-import io
 import os
-import pstats
 import sys
 import time
 from pathlib import Path
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"        # the real driver classes (the simulator replaces them)
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+for p in (HERE, HERE.parent):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
 import numpy as np  # noqa: E402
+
+import common  # noqa: E402
 
 
 class _FakeContext:
@@ -107,14 +107,7 @@ def main(argv=None):
         print(f"{name}: {(time.perf_counter() - t0) / args.calls * 1e6:.1f} us of Python per call (launches and "
               "allocations stood in for)", flush=True)
         if args.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(500):
-                call()
-            prof.disable()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
-            print(out.getvalue())
+            print(common.profile_text(call, 500, (("cumulative", 25),)))
 
 
 if __name__ == "__main__":

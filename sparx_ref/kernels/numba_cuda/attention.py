@@ -293,6 +293,36 @@ def _build(T, tile):
         for j in range(N):
             dP[s0 + j] = P[s0 + j] * (dP[s0 + j] - dot)
 
+    # One softmax row's arithmetic with uint64 indices, on a row of a global or a shared array
+    # (the "tiled_unsigned" and "tiled_staged" kernels share it).
+    @cuda.jit(device=True, inline=True)
+    def row_exp_normalize(buf, s0, Nu, mx):
+        """buf[s0 + j] <- exp(buf[s0 + j] - mx) / sum_j exp(buf[s0 + j] - mx), j < N."""
+        total = zero
+        j = _U(0)
+        while j < Nu:
+            e = math.exp(buf[s0 + j] - mx)
+            buf[s0 + j] = e
+            total += e
+            j += _U(1)
+        j = _U(0)
+        while j < Nu:
+            buf[s0 + j] = buf[s0 + j] / total
+            j += _U(1)
+
+    @cuda.jit(device=True, inline=True)
+    def row_softmax_bwd(p, p0, d, d0, Nu):
+        """d[d0 + j] <- p[p0 + j] * (d[d0 + j] - sum_j p[p0 + j] * d[d0 + j]), j < N."""
+        dot = zero
+        j = _U(0)
+        while j < Nu:
+            dot += p[p0 + j] * d[d0 + j]
+            j += _U(1)
+        j = _U(0)
+        while j < Nu:
+            d[d0 + j] = p[p0 + j] * (d[d0 + j] - dot)
+            j += _U(1)
+
     @cuda.jit
     def softmax_rows_unsigned(S, bias, mask, rows, N, nH, nW, has_bias, has_mask):
         """softmax_rows with uint64 index arithmetic (see bmm_tiled_unsigned); one thread per row."""
@@ -318,17 +348,7 @@ def _build(T, tile):
             S[s0 + j] = x
             mx = max(mx, x)
             j += _U(1)
-        total = zero
-        j = _U(0)
-        while j < Nu:
-            e = math.exp(S[s0 + j] - mx)
-            S[s0 + j] = e
-            total += e
-            j += _U(1)
-        j = _U(0)
-        while j < Nu:
-            S[s0 + j] = S[s0 + j] / total
-            j += _U(1)
+        row_exp_normalize(S, s0, Nu, mx)
 
     @cuda.jit
     def softmax_bwd_rows_unsigned(P, dP, rows, N):
@@ -338,23 +358,15 @@ def _build(T, tile):
         if r >= _U(rows):
             return
         s0 = r * Nu
-        dot = zero
-        j = _U(0)
-        while j < Nu:
-            dot += P[s0 + j] * dP[s0 + j]
-            j += _U(1)
-        j = _U(0)
-        while j < Nu:
-            dP[s0 + j] = P[s0 + j] * (dP[s0 + j] - dot)
-            j += _U(1)
+        row_softmax_bwd(P, s0, dP, s0, Nu)
 
     # Softmax rows staged through shared memory (rung "tiled_staged"). One thread per row reads
     # its row with a stride of N elements between neighbouring threads: every load and store is
     # uncoalesced. Here a block first copies R consecutive rows (R * N contiguous elements) into
     # shared memory with consecutive threads on consecutive elements, one thread per row then works
     # on its shared row (row pitch N | 1 is odd: the R threads hit R different banks), and the
-    # block copies the rows back the same coalesced way. Same arithmetic, in the same order, as
-    # softmax_rows_unsigned / softmax_bwd_rows_unsigned.
+    # block copies the rows back the same coalesced way. The row arithmetic is that of
+    # softmax_rows_unsigned / softmax_bwd_rows_unsigned (row_exp_normalize, row_softmax_bwd).
     @cuda.jit(device=True, inline=True)
     def stage_rows(tile, at, src, base, count, Nu, pitch, tid, nthreads):
         """tile[at + (e // N) * pitch + e % N] = src[base + e] for e < count (coalesced reads)."""
@@ -390,17 +402,7 @@ def _build(T, tile):
             while j < Nu:
                 mx = max(mx, tile[s0 + j])
                 j += _U(1)
-            total = zero
-            j = _U(0)
-            while j < Nu:
-                e = math.exp(tile[s0 + j] - mx)
-                tile[s0 + j] = e
-                total += e
-                j += _U(1)
-            j = _U(0)
-            while j < Nu:
-                tile[s0 + j] = tile[s0 + j] / total
-                j += _U(1)
+            row_exp_normalize(tile, s0, Nu, mx)
         cuda.syncthreads()
         unstage_rows(S, base, tile, _U(0), nrows * Nu, Nu, pu, tid, nthreads)
 
@@ -420,15 +422,7 @@ def _build(T, tile):
         cuda.syncthreads()
         if tid < nrows:
             s0 = tid * pu
-            dot = zero
-            j = _U(0)
-            while j < Nu:
-                dot += tile[s0 + j] * tile[d_off + s0 + j]
-                j += _U(1)
-            j = _U(0)
-            while j < Nu:
-                tile[d_off + s0 + j] = tile[s0 + j] * (tile[d_off + s0 + j] - dot)
-                j += _U(1)
+            row_softmax_bwd(tile, s0, tile, d_off + s0, Nu)
         cuda.syncthreads()
         unstage_rows(dP, base, tile, d_off, nrows * Nu, Nu, pu, tid, nthreads)
 
