@@ -383,16 +383,20 @@ def _build(T, tile):
             dst[base + e] = tile[at + (e // Nu) * pitch + e % Nu]
             e += nthreads
 
+    @cuda.jit(device=True, inline=True)
+    def staged_block(rows, N, R, pitch):
+        """This block's share, all uint64: (N, R, pitch, thread, threads, rows it holds (<= R),
+        offset of its first element)."""
+        Nu, Ru = _U(N), _U(R)
+        r0 = _U(cuda.blockIdx.x) * Ru
+        return Nu, Ru, _U(pitch), _U(cuda.threadIdx.x), _U(cuda.blockDim.x), min(Ru, _U(rows) - r0), r0 * Nu
+
     @cuda.jit
     def softmax_rows_staged(S, rows, N, R, pitch):
         """Softmax in place over each row of S (rows, N), R rows per block through shared memory
         (dynamic: R * pitch elements, pitch = N | 1). No bias or mask (the DMCA softmax)."""
         tile = cuda.shared.array(0, T)
-        Nu, Ru, pu = _U(N), _U(R), _U(pitch)
-        tid, nthreads = _U(cuda.threadIdx.x), _U(cuda.blockDim.x)
-        r0 = _U(cuda.blockIdx.x) * Ru
-        nrows = min(Ru, _U(rows) - r0)
-        base = r0 * Nu
+        Nu, Ru, pu, tid, nthreads, nrows, base = staged_block(rows, N, R, pitch)
         stage_rows(tile, _U(0), S, base, nrows * Nu, Nu, pu, tid, nthreads)
         cuda.syncthreads()
         if tid < nrows:
@@ -411,11 +415,7 @@ def _build(T, tile):
         """dS = P * (dP - sum_j P*dP) over dP, R rows per block through shared memory (dynamic:
         2 * R * pitch elements: the P rows, then the dP rows)."""
         tile = cuda.shared.array(0, T)
-        Nu, Ru, pu = _U(N), _U(R), _U(pitch)
-        tid, nthreads = _U(cuda.threadIdx.x), _U(cuda.blockDim.x)
-        r0 = _U(cuda.blockIdx.x) * Ru
-        nrows = min(Ru, _U(rows) - r0)
-        base = r0 * Nu
+        Nu, Ru, pu, tid, nthreads, nrows, base = staged_block(rows, N, R, pitch)
         d_off = Ru * pu                      # where the dP rows start in the shared array
         stage_rows(tile, _U(0), P, base, nrows * Nu, Nu, pu, tid, nthreads)
         stage_rows(tile, d_off, dP, base, nrows * Nu, Nu, pu, tid, nthreads)
