@@ -1180,21 +1180,28 @@ def _cross_merge_tiled_py(ys, y, batch, C, H, W):
 # 652 -> 156 (merge).
 
 
-def _cross_scan_tiled_unsigned_py(x, xs, batch, C, H, W):
-    """Rung "tiled_unsigned": _cross_scan_tiled_py with uint64 indices (no wrap-around fix-ups).
-    Block (32, 8), grid (ceil(W/32), ceil(H/32), batch*C)."""
-    tile = cuda.shared.array(32 * 33, float32)          # [32][33]: the pad avoids bank conflicts
+@cuda.jit(device=True, inline=True)
+def _tile_origin(C, H, W):
+    """Where this block's 32x32 tile of the (b, c) map lies, all uint64 (rung "tiled_unsigned"):
+    (H, W, L = H*W, b*C + c, first row h0, first column w0, thread column tx, the offset o of
+    direction 0 of (b, c) in the (B, 4, C, L) array (direction k at o + k * plane), plane = C*L,
+    and last = the end of direction 2, which holds position p at last - p)."""
     Hu, Wu = _U(H), _U(W)
     L = Hu * Wu
     bc = _U(cuda.blockIdx.z)
     b = bc // _U(C)
     c = bc - b * _U(C)
-    h0 = _U(cuda.blockIdx.y) * _U(32)
-    w0 = _U(cuda.blockIdx.x) * _U(32)
-    tx = _U(cuda.threadIdx.x)
     plane = _U(C) * L
-    o = b * _U(4) * plane + c * L          # direction 0 of (b, c); direction k at o + k * plane
-    last = o + _U(2) * plane + L - _U(1)   # direction 2 holds position p at last - p
+    o = b * _U(4) * plane + c * L
+    return (Hu, Wu, L, bc, _U(cuda.blockIdx.y) * _U(32), _U(cuda.blockIdx.x) * _U(32), _U(cuda.threadIdx.x),
+            o, plane, o + _U(2) * plane + L - _U(1))
+
+
+def _cross_scan_tiled_unsigned_py(x, xs, batch, C, H, W):
+    """Rung "tiled_unsigned": _cross_scan_tiled_py with uint64 indices (no wrap-around fix-ups).
+    Block (32, 8), grid (ceil(W/32), ceil(H/32), batch*C)."""
+    tile = cuda.shared.array(32 * 33, float32)          # [32][33]: the pad avoids bank conflicts
+    Hu, Wu, L, bc, h0, w0, tx, o, plane, last = _tile_origin(C, H, W)
     i = _U(cuda.threadIdx.y)
     w = w0 + tx
     while i < _U(32):                      # rows of the tile: read x, write directions 0 and 2
@@ -1221,18 +1228,8 @@ def _cross_scan_tiled_unsigned_py(x, xs, batch, C, H, W):
 
 def _cross_merge_tiled_unsigned_py(ys, y, batch, C, H, W):
     """Rung "tiled_unsigned": _cross_merge_tiled_py with uint64 indices (no wrap-around fix-ups)."""
-    tile = cuda.shared.array(32 * 33, float32)
-    Hu, Wu = _U(H), _U(W)
-    L = Hu * Wu
-    bc = _U(cuda.blockIdx.z)
-    b = bc // _U(C)
-    c = bc - b * _U(C)
-    h0 = _U(cuda.blockIdx.y) * _U(32)
-    w0 = _U(cuda.blockIdx.x) * _U(32)
-    tx = _U(cuda.threadIdx.x)
-    plane = _U(C) * L
-    o = b * _U(4) * plane + c * L
-    last = o + _U(2) * plane + L - _U(1)
+    tile = cuda.shared.array(32 * 33, float32)          # [32][33]: the pad avoids bank conflicts
+    Hu, Wu, L, bc, h0, w0, tx, o, plane, last = _tile_origin(C, H, W)
     i = _U(cuda.threadIdx.y)
     h = h0 + tx
     while i < _U(32):                      # directions 1 and 3, read along w-major rows
