@@ -1656,7 +1656,7 @@ def _dmca_fwd(version, q, k, v, groups):
 
 
 def _dmca_bwd(version, dout, cache):
-    q, k, v, G = cache["q"], cache["k"], cache["v"], cache["groups"]
+    q, v, G = cache["q"], cache["v"], cache["groups"]
     qf, kf, vf, attn_f = cache["_flat"]
     like_cupy = cache["_like_cupy"]
     dout = _device("dout", dout, 3)
