@@ -563,6 +563,75 @@ def test_gpu_dmca_fast_equals_dispatcher_bitwise(rng, version):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with the simulator off")
+def test_gpu_kernels_take_cupy_inputs_without_numbas_synchronising_import(rng, monkeypatch):
+    """With CuPy inputs on the default stream, the Numba kernels view the arrays directly
+    (``_launch.foreign_flat``): ``numba.cuda.as_cuda_array`` would synchronise the stream CuPy
+    names, stalling the GPU queue on every call. Results equal those of Numba device arrays."""
+    cupy = pytest.importorskip("cupy")
+    from sparx_ref.kernels.numba_cuda import attention as A
+    from sparx_ref.kernels.numba_cuda import scan as S
+    b, KD, L_, K = 2, 8, 13, 2
+    host = dict(u=rng.standard_normal((b, KD, L_)), delta=rng.standard_normal((b, KD, L_)),
+                A=-np.exp(rng.standard_normal((KD, 1))), B=rng.standard_normal((b, K, 1, L_)),
+                C=rng.standard_normal((b, K, 1, L_)), D=rng.standard_normal(KD),
+                delta_bias=rng.standard_normal(KD))
+    host = {k: v.astype(np.float32) for k, v in host.items()}
+    dy = rng.standard_normal((b, KD, L_)).astype(np.float32)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 8, 5), (2, 8, 5), (2, 8, 30)))
+    dout = rng.standard_normal((2, 8, 30)).astype(np.float32)
+
+    def run(put):
+        y, cache = S.selective_scan_fwd_vec(**{k: put(v) for k, v in host.items()}, delta_softplus=True)
+        grads = S.selective_scan_bwd_vec(put(dy), cache)
+        out, dcache = A.dmca_attention_fwd(put(q), put(k), put(v), 2)
+        dgrads = A.dmca_attention_bwd(put(dout), dcache)
+        arrays = [y, grads["u"], grads["delta"], grads["A"], grads["B"], out, dgrads["q"], dgrads["k"], dgrads["v"]]
+        return [cupy.asnumpy(a) if type(a).__module__.startswith("cupy") else a.copy_to_host() for a in arrays]
+
+    expected = run(cuda.to_device)
+    run(cupy.asarray)                                             # compile and plan outside the check
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("numba.cuda.as_cuda_array called on a CuPy input of the default stream")
+    monkeypatch.setattr(cuda, "as_cuda_array", refuse)
+    for got, want in zip(run(cupy.asarray), expected):
+        np.testing.assert_array_equal(got, want)
+    monkeypatch.undo()
+    with cupy.cuda.Stream(non_blocking=True):     # another stream: Numba's import and its handshake
+        others = run(cupy.asarray)
+    for got, want in zip(others, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_foreign_flat_views_default_stream_arrays_directly(monkeypatch):
+    """``foreign_flat``: a C-contiguous array whose interface names no stream or the legacy
+    default one becomes a FlatView over its own memory; ``flat`` then never calls Numba's
+    (synchronising) ``as_cuda_array``. Another stream, a strided array or the fast path off:
+    None, and ``flat`` takes Numba's import."""
+    monkeypatch.setattr(L, "_fast_enabled", lambda: True)
+    imported = []
+
+    def numba_import(x):
+        imported.append(x)
+        raise LookupError("stand-in: Numba's import reached")
+    monkeypatch.setattr(cuda, "as_cuda_array", numba_import, raising=False)   # (the simulator has none)
+    for stream in (None, 1):
+        x = FakeCAI(0x7000_0000, (3, 4), None, np.float32, stream=stream)
+        view = L.foreign_flat(x)
+        assert isinstance(view, L.FlatView)
+        assert (view.owner, view.ptr, view.size, view.dtype) == (x, 0x7000_0000, 12, np.dtype(np.float32))
+        assert L.flat(x).ptr == 0x7000_0000 and imported == []
+    other_stream = FakeCAI(0x7000_0000, (3, 4), None, np.float32, stream=0x5000)
+    strided = FakeCAI(0x7000_0000, (3, 4), (32, 4), np.float32)
+    assert L.foreign_flat(other_stream) is None and L.foreign_flat(strided) is None
+    with pytest.raises(LookupError, match="stand-in"):
+        L.flat(other_stream)
+    assert imported == [other_stream]
+    monkeypatch.setattr(L, "_fast_enabled", lambda: False)
+    assert L.foreign_flat(FakeCAI(0x7000_0000, (3, 4), None, np.float32)) is None
+
+
 # ----------------------------------------------------------------------------------------
 # 4. allocation helpers (empty_flat, empty_flats, as_array) with a stand-in context
 # ----------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ import warnings
 import numpy as np
 from numba.core import types
 
-__all__ = ["launch", "flat", "FlatView", "current_context", "empty_flat", "empty_flats", "as_array", "pack_args",
+__all__ = ["launch", "flat", "foreign_flat", "FlatView", "current_context", "empty_flat", "empty_flats", "as_array", "pack_args",
            "array_field_names", "set_mode", "mode", "stats"]
 
 # Numba's ArrayModel members, in order (numba.core.datamodel / numba.cuda.models); checked
@@ -450,11 +450,42 @@ def flat(x):
     if isinstance(x, FlatView):
         return x
     if not getattr(x, "__cuda_memory__", False):
+        view = foreign_flat(x)
+        if view is not None:
+            return view
         from numba import cuda
         x = cuda.as_cuda_array(x)
     if not x.is_c_contiguous():
         raise ValueError(f"flat() needs a C-contiguous array, got shape {tuple(x.shape)} strides {tuple(x.strides)}")
     return FlatView(x, x.device_ctypes_pointer.value or 0, x.size, x.dtype)
+
+
+def foreign_flat(x, launch_stream=0):
+    """A :class:`FlatView` of the C-contiguous foreign device array ``x`` (CuPy, torch, another
+    ``__cuda_array_interface__`` object), built from its pointer, shape and strides alone; or
+    None, and the caller takes ``numba.cuda.as_cuda_array`` instead.
+
+    Why: ``as_cuda_array`` builds a DeviceNDArray and looks the context up, and when the
+    interface names a stream it *synchronises* that stream. CuPy names the legacy default stream
+    (1), so each import waits until the GPU has finished all queued work: host and GPU no longer
+    overlap, and a call costs its kernels' time plus its Python's. Skipping that wait is safe
+    exactly when the kernels reading ``x`` are launched on the legacy default stream after the
+    producer's work on that stream (stream order), the rule the launch's describers apply
+    (:func:`_stream_ok`).
+
+    None when that rule does not hold (another current stream, a masked interface, a torch
+    tensor that requires grad), when ``x`` is not C-contiguous (``as_cuda_array`` then gives the
+    usual error), or when the fast path is off (simulator, ``SPARX_REF_NUMBA_FAST_LAUNCH=0``)."""
+    if not _fast_enabled() or getattr(x, "__cuda_memory__", False):
+        return None
+    try:
+        (_, dtype, _, layout, _), fields = _describe(x, launch_stream)
+    except _Unsupported:
+        return None
+    if fields is None or layout != "C":
+        return None
+    nitems, _, ptr = fields[2:5]
+    return FlatView(x, ptr, nitems, dtype)
 
 
 def _scalar_converter(ty):

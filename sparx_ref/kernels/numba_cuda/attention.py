@@ -33,7 +33,7 @@ import os
 import numpy as np
 from numba import cuda
 
-from ._launch import as_array, empty_flat, empty_flats, flat, launch
+from ._launch import as_array, empty_flat, empty_flats, flat, foreign_flat, launch
 
 __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
@@ -1340,12 +1340,17 @@ def _is_cupy(x):
 
 
 def _device(name, x, ndim):
-    """A numba device array view of ``x`` (C-contiguous, float32/float64, rank ``ndim``)."""
+    """``x`` checked as a C-contiguous float32/float64 device array of rank ``ndim``: a Numba
+    device array as given, a CuPy array as given when :func:`flat` can view it directly (no
+    Numba import, whose stream synchronisation would stall the GPU queue: see
+    ``_launch.foreign_flat``), anything else with ``__cuda_array_interface__`` as a Numba view."""
     if isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a device array (numba device array, CuPy, or __cuda_array_interface__), "
                         f"got numpy.ndarray; move it with numba.cuda.to_device first")
     if hasattr(x, "copy_to_host") and hasattr(x, "is_c_contiguous"):
         d = x                                  # numba device array (or the simulator's fake one)
+    elif _is_cupy(x) and foreign_flat(x) is not None:
+        d = x                                  # C-contiguous, on the legacy default stream
     elif hasattr(x, "__cuda_array_interface__"):
         d = cuda.as_cuda_array(x)
     else:
@@ -1354,7 +1359,7 @@ def _device(name, x, ndim):
         raise TypeError(f"{name} must be float32 or float64, got dtype {d.dtype}")
     if len(d.shape) != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(d.shape)} ({len(d.shape)} dimensions)")
-    if not d.is_c_contiguous():
+    if not _is_cupy(d) and not d.is_c_contiguous():      # a CuPy d passed foreign_flat: C-contiguous
         raise ValueError(f"{name} must be C-contiguous (got strides {d.strides}); copy it first")
     return d
 

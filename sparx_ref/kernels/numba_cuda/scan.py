@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32
 
-from ._launch import as_array, empty_flat, empty_flats, launch
+from ._launch import as_array, empty_flat, empty_flats, foreign_flat, launch
 from ._launch import flat as flat_view
 
 from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
@@ -1311,6 +1311,9 @@ def _flat(x):
     if not (hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")):
         raise TypeError(f"backend 'numba_cuda' needs device arrays (__cuda_array_interface__), got "
                         f"{type(x).__name__}; move the data with numba.cuda.to_device or cupy.asarray")
+    view = foreign_flat(x)     # CuPy / torch without Numba's import (and its stream synchronisation)
+    if view is not None:
+        return view
     a = x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
     if not a.is_c_contiguous():
         raise ValueError("backend 'numba_cuda' needs C-contiguous arrays")
