@@ -98,8 +98,8 @@ def launch_rows(calls):
 
     from cuda.bindings import driver as drv
     handle = kern.handle
-    values = [int(v) for v in kargs]
-    ctypes_of = [ctypes.c_int64] * len(values)
+    values = tuple(int(v) for v in kargs)
+    ctypes_of = (ctypes.c_int64,) * len(values)
     rows.append(("cuda.bindings cuLaunchKernel",
                  host_us(lambda: drv.cuLaunchKernel(handle, 4, 1, 1, 256, 1, 1, 0, 0, (values, ctypes_of), 0), calls)))
 
