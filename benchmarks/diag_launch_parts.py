@@ -12,7 +12,8 @@ driver stood in for. This script splits the host time on the lent machine:
 3. whole calls (Numba device arrays in, as the benchmarks pass them): host us per call as is,
    with the kernel launches stood in for (argument description only), and the CuPy backend's.
 
-Host time = wall time of many calls back to back, synchronising only between batches.
+Host time = wall time of many calls back to back, synchronising only between batches
+(``diag_kernel_vs_host.host_ms``: the median of 5 batches).
 
     NUMBA_ENABLE_CUDASIM=0 python benchmarks/diag_launch_parts.py [--calls 200]
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,21 +36,12 @@ for p in (HERE, HERE.parent):
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
+from diag_kernel_vs_host import cases, host_ms  # noqa: E402
 
 
-def host_us(fn, calls=200, batches=5):
-    """Median over batches of the wall time of one call, calls back to back (no sync inside)."""
-    import torch
-    fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per.append((time.perf_counter() - t0) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(per)
+def host_us(fn, calls=200):
+    """Host wall time of one call in us (calls back to back; diag_kernel_vs_host.host_ms)."""
+    return host_ms(fn, reps=calls) * 1e3
 
 
 CUPY_SOURCE = r"""
@@ -140,8 +131,6 @@ def alloc_rows(calls):
 def call_rows(calls):
     """(case, Numba event us, Numba host us, Numba host us with launches stood in, CuPy host us,
     CuPy event us) for each backend's default version (the cases of diag_kernel_vs_host)."""
-    from diag_kernel_vs_host import cases
-
     from sparx_ref import kernels
     from sparx_ref.kernels.numba_cuda import _launch as L
     from sparx_ref.kernels.numba_cuda import attention, scan
