@@ -587,6 +587,7 @@ def test_gpu_kernels_take_cupy_inputs_without_numbas_synchronising_import(rng, m
         out, dcache = A.dmca_attention_fwd(put(q), put(k), put(v), 2)
         dgrads = A.dmca_attention_bwd(put(dout), dcache)
         arrays = [y, grads["u"], grads["delta"], grads["A"], grads["B"], out, dgrads["q"], dgrads["k"], dgrads["v"]]
+        cuda.synchronize()     # the kernels ran on the legacy stream; a non-blocking CuPy stream would not wait
         return [cupy.asnumpy(a) if type(a).__module__.startswith("cupy") else a.copy_to_host() for a in arrays]
 
     expected = run(cuda.to_device)
