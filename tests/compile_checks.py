@@ -273,3 +273,22 @@ def test_scan_vec_cuda_cubin_spills_nothing(opts):
         assert info[kernel].get("frame", 0) == 0 and info[kernel]["regs"] <= 128, (kernel, info[kernel])
         if "-DONE_ROUND=1" in opts:   # the point of the variant: no next-round registers, no pass 1
             assert info[kernel]["regs"] <= 64, (kernel, info[kernel])
+
+
+# --- depthwise conv (sparx_ref/kernels/cupy/conv.py): the strip kernels keep their row segments
+# and the backward's kh*kw + 1 filter sums in registers for every kernel size the twins use
+# (1 LayerScale, 3, 5) and the largest allowed (7), in both dtypes: no .local, no spill frame,
+# and few enough registers that a 256-thread block can launch (256 x regs <= 65536).
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_depthwise_conv_cuda_cubin_spills_nothing(dtype, k):
+    from sparx_ref.kernels.cupy.conv import CUDA_SOURCES, nvrtc_options
+    opts = nvrtc_options(dtype, k, k)[1:]          # _nvrtc passes -std=c++17 itself
+    src = CUDA_SOURCES["depthwise_conv2d"]
+    ptx = _nvrtc(src, "depthwise_conv2d", opts)
+    assert ".local" not in ptx, opts
+    assert (".f64" in ptx) == (dtype == "float64"), opts
+    info = _cubin_kernel_resources(_nvrtc(src, "depthwise_conv2d", opts, arch="sm_90", output="cubin"))
+    print(dtype, k, info)
+    for kernel in ("dw_fwd_strip", "dw_bwd_strip", "dw_fwd_naive", "dw_wgrad_naive", "dw_bwd_finish"):
+        assert info[kernel].get("frame", 0) == 0 and info[kernel]["regs"] <= 65536 // 256, (kernel, info[kernel])

@@ -181,6 +181,22 @@ _TABLE: list[Entry] = [
 ]
 
 
+# --- depthwise "same" convolution (issue 7: PyTorch's float32 depthwise backward was the largest
+# item of a SparX-Mamba training step). CuPy only for now: see benchmarks/RESULTS.md.
+_TABLE += [
+    Entry(op, "cupy", version, f"sparx_ref.kernels.cupy.conv:{op}{suffix}", version == "strip", idea)
+    for version, suffix, ideas in (
+        ("naive", "_naive", ("one thread per output element reads its kh*kw neighbours",
+                             "dx by the forward kernel with the filter turned 180 degrees; filter and "
+                             "bias sums one block per (channel, tap), x read kh*kw + 1 times")),
+        ("strip", "", ("a thread computes 4 neighbouring outputs of a row; each input row segment is "
+                       "read once into registers and reused by all 4",
+                       "one fused pass: a block per (channel, batch slice) writes dx and sums dy * x "
+                       "per tap in registers; slices added in order (deterministic, no atomics)")))
+    for op, idea in zip(("depthwise_conv2d_fwd", "depthwise_conv2d_bwd"), ideas)
+]
+
+
 def entries(op: str | None = None, backend: str | None = None) -> list[Entry]:
     """All table rows, optionally filtered by op and/or backend."""
     return [e for e in _TABLE if (op is None or e.op == op) and (backend is None or e.backend == backend)]

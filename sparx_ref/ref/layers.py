@@ -38,7 +38,7 @@ from scipy.special import erf
 from .._validate import as_float_array, check_divisible, check_same_dtype, check_shape
 
 __all__ = [
-    "conv2d_fwd", "conv2d_bwd", "conv1d_fwd", "conv1d_bwd", "linear_fwd", "linear_bwd",
+    "conv2d_fwd", "conv2d_bwd", "depthwise_conv2d_fwd", "depthwise_conv2d_bwd", "conv1d_fwd", "conv1d_bwd", "linear_fwd", "linear_bwd",
     "group_norm_fwd", "group_norm_bwd", "layer_norm_fwd", "layer_norm_bwd",
     "batch_norm2d_fwd", "batch_norm2d_bwd", "gelu_fwd", "gelu_bwd", "silu_fwd", "silu_bwd",
     "softplus_fwd", "softplus_bwd", "sigmoid", "softmax_fwd", "softmax_bwd",
@@ -191,6 +191,32 @@ def conv2d_bwd(dout, cache):
                 dxp[:, :, u:u + sh * (Ho - 1) + 1:sh, v:v + sw * (Wo - 1) + 1:sw] += dcols[:, :, u, v]
         dx = dxp[:, :, ph:ph + H, pw:pw + W]
     return {"x": np.ascontiguousarray(dx), "weight": dw, "bias": dbias}
+
+
+def depthwise_conv2d_fwd(x, weight, bias=None):
+    """Depthwise "same" convolution: ``conv2d_fwd(x, weight, bias, stride=1,
+    padding=(kh // 2, kw // 2), groups=C)``, the form of every depthwise conv of SparX
+    (``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``) and of its LayerScale (k = 1). The
+    kernel op ``depthwise_conv2d_fwd`` of :mod:`sparx_ref.kernels` mirrors this one.
+
+    x: (B, C, H, W); weight: (C, 1, kh, kw) with kh, kw odd; bias: (C,) or None.
+    out: (B, C, H, W), out[b, c, h, w] = bias[c] + sum_{u, v} weight[c, 0, u, v] *
+    x[b, c, h + u - kh // 2, w + v - kw // 2] (zero outside the map).
+    """
+    x = as_float_array("x", x, ndim=4)
+    weight = as_float_array("weight", weight, ndim=4, dtype=x.dtype)
+    C = x.shape[1]
+    check_shape("weight", weight, (C, 1, None, None))
+    kh, kw = weight.shape[2:]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"weight's kernel size must be odd in both dimensions (a 'same' "
+                         f"convolution), got {(kh, kw)}")
+    return conv2d_fwd(x, weight, bias, stride=1, padding=(kh // 2, kw // 2), groups=C)
+
+
+def depthwise_conv2d_bwd(dout, cache):
+    """Backward of :func:`depthwise_conv2d_fwd`: dout (B, C, H, W) -> {"x", "weight", "bias"}."""
+    return conv2d_bwd(dout, cache)
 
 
 def conv1d_fwd(x, weight, bias=None, groups=1):
