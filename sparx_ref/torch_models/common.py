@@ -115,8 +115,37 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def _depthwise_on_backend(x, weight, bias, backend):
+    """The depthwise "same" conv on a kernel backend (:func:`.ops.depthwise_conv2d`)."""
+    from .ops import depthwise_conv2d  # ops imports this module: import at call time
+    return depthwise_conv2d(x, weight, bias, backend=backend)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``, the depthwise "same" convolution of the
+    released models (same parameters and state_dict keys), whose forward runs on the model's
+    kernel backend (``kernel_backend``, set by :func:`.ops.set_kernel_backend`); "torch" is
+    ``nn.Conv2d.forward`` itself. x (B, C, H, W) -> (B, C, H, W)."""
+
+    kernel_backend = "torch"
+
+    def __init__(self, channels, kernel_size, bias=True):
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (a 'same' convolution), got {kernel_size}")
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+                         bias=bias)
+
+    def forward(self, x):
+        if self.kernel_backend == "torch":
+            return super().forward(x)
+        return _depthwise_on_backend(x, self.weight, self.bias, self.kernel_backend)
+
+
 class LayerScale(nn.Module):
-    """Per-channel ``w * x + b`` as a depthwise 1x1 conv; weight (C, 1, 1, 1), bias (C,)."""
+    """Per-channel ``w * x + b`` as a depthwise 1x1 conv; weight (C, 1, 1, 1), bias (C,).
+    Runs on the model's kernel backend like :class:`DepthwiseConv2d`."""
+
+    kernel_backend = "torch"
 
     def __init__(self, dim, init_value=1.0):
         super().__init__()
@@ -124,7 +153,9 @@ class LayerScale(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+        if self.kernel_backend == "torch":
+            return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+        return _depthwise_on_backend(x, self.weight, self.bias, self.kernel_backend)
 
 
 class DropPath(nn.Module):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import GroupNorm1, LayerNorm2d, get_kernels
+from .common import DepthwiseConv2d, GroupNorm1, LayerNorm2d, get_kernels
 
 DMCA_GROUPS = 4
 
@@ -59,7 +59,7 @@ def add_dmca_layers(host: nn.Module, dim: int, shortcut_channels: int, sr_ratio:
         raise ValueError(f"norm must be 'group' or 'layer', got {norm!r}")
     c = shortcut_channels
     host.d_proj = nn.Sequential(
-        nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c, bias=False),
+        DepthwiseConv2d(c, 3, bias=False),
         nn.BatchNorm2d(c),
         nn.GELU(),
         nn.Conv2d(c, 2 * dim, kernel_size=1),
@@ -72,7 +72,7 @@ def add_dmca_layers(host: nn.Module, dim: int, shortcut_channels: int, sr_ratio:
     host.v = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=1, bias=False), nn.BatchNorm2d(dim))
     fused = 3 * (out_channels // 3)
     host.in_proj = nn.Sequential(
-        nn.Conv2d(3 * dim, 3 * dim, kernel_size=3, padding=1, groups=3 * dim),
+        DepthwiseConv2d(3 * dim, 3),
         nn.GELU(),
         nn.Conv2d(3 * dim, fused, kernel_size=1, groups=3),
     )

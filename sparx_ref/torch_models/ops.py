@@ -14,6 +14,8 @@ ss2d_scan           x (b, Di, H, W); delta (b, 4Di, HW); B, C (b, 4, N,    ss2d_
 window_attention    q, k, v (Bw, heads, N, hd); bias (heads, N, N); mask   window_attention_fwd / _bwd
                     (nW, N, N) or None -> (out, probs)
 dmca_attention      q, k (B, C, Ls); v (B, C, L); groups -> (out, attn)    dmca_attention_fwd / _bwd
+depthwise_conv2d    x (B, C, H, W); weight (C, 1, kh, kw), kh, kw odd;     depthwise_conv2d_fwd / _bwd
+                    bias (C,) or None -> (B, C, H, W) (stride 1, "same")
 ==================  =====================================================  ==========================
 
 ``backend="torch"`` is plain PyTorch (differentiated by autograd; the scan is a Python loop
@@ -60,6 +62,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import kernels as _kernels
 from ..kernels import KernelUnavailable
@@ -76,6 +79,7 @@ KERNEL_OPS = {
     "ss2d_scan": ("ss2d_scan_fwd", "ss2d_scan_bwd"),
     "window_attention": ("window_attention_fwd", "window_attention_bwd"),
     "dmca_attention": ("dmca_attention_fwd", "dmca_attention_bwd"),
+    "depthwise_conv2d": ("depthwise_conv2d_fwd", "depthwise_conv2d_bwd"),
 }
 
 _DEVICE_TYPE = {"numba_cpu": "cpu", "numba_cuda": "cuda", "cupy": "cuda"}
@@ -110,6 +114,12 @@ def window_attention_torch(q, k, v, bias, mask=None, scale=None, attn_drop=None)
     probs = logits.softmax(dim=-1)
     dropped = probs if attn_drop is None else attn_drop(probs)
     return dropped @ v, probs
+
+
+def depthwise_conv2d_torch(x, weight, bias=None):
+    """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)``: (B, C, H, W)."""
+    kh, kw = weight.shape[2:]
+    return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
 
 def dmca_attention_torch(q, k, v, groups=4):
@@ -542,6 +552,24 @@ class DMCAAttentionFn(torch.autograd.Function):
                                     for i, k in enumerate(("q", "k", "v")))
 
 
+class DepthwiseConv2dFn(torch.autograd.Function):
+    """The depthwise "same" convolution on a kernel backend; backward = the kernel's."""
+
+    @staticmethod
+    def forward(ctx, backend, x, weight, bias):
+        device = _check_tensors("depthwise_conv2d", backend, dict(x=x, weight=weight, bias=bias))
+        (out, cache), rt = _call_fwd(ctx, "depthwise_conv2d", backend, device, (x, weight, bias), {})
+        ctx.cache = cache
+        return rt.unwrap(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        grads = _call_bwd(ctx, dout)
+        rt = ctx.rt
+        return (None,) + tuple(rt.unwrap(grads[k]) if ctx.needs_input_grad[i + 1] else None
+                               for i, k in enumerate(("x", "weight", "bias")))
+
+
 # =========================================================================================
 # the entry points
 # =========================================================================================
@@ -599,6 +627,20 @@ def dmca_attention(q, k, v, groups=4, *, backend="torch"):
 # =========================================================================================
 # wiring into the twins
 # =========================================================================================
+def depthwise_conv2d(x, weight, bias=None, *, backend="torch"):
+    """x (B, C, H, W), weight (C, 1, kh, kw) with kh, kw odd, bias (C,) or None -> (B, C, H, W):
+    the depthwise convolution with stride 1 and zero padding (kh // 2, kw // 2)."""
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise ValueError(f"depthwise_conv2d: x must be (B, C, H, W) and weight (C, 1, kh, kw) with the same C, "
+                         f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
+        raise ValueError(f"depthwise_conv2d: weight's kernel size must be odd (a 'same' convolution), "
+                         f"got {tuple(weight.shape[2:])}")
+    if not uses_kernel("depthwise_conv2d", backend):
+        return depthwise_conv2d_torch(x, weight, bias)
+    return DepthwiseConv2dFn.apply(backend, x, weight, bias)
+
+
 def kernel_table(backend: str):
     """The :class:`.common.TorchKernels` row of ``backend`` (the table SparX-Mamba and the
     torch DMCA call): scan, cross-scan/merge and channel attention routed through this module."""
@@ -630,7 +672,8 @@ def set_kernel_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
 
 
 __all__ = ["BACKENDS", "KERNEL_OPS", "check_backend", "uses_kernel", "describe", "selective_scan",
-           "cross_scan", "cross_merge", "ss2d_scan", "window_attention", "dmca_attention",
+           "cross_scan", "cross_merge", "ss2d_scan", "window_attention", "dmca_attention", "depthwise_conv2d",
            "kernel_table", "set_kernel_backend", "share_torch_memory_with_numba",
            "SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
-           "DMCAAttentionFn", "window_attention_torch", "dmca_attention_torch", "ss2d_scan_torch"]
+           "DMCAAttentionFn", "DepthwiseConv2dFn", "window_attention_torch", "dmca_attention_torch",
+           "depthwise_conv2d_torch", "ss2d_scan_torch"]

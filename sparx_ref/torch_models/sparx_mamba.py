@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..models.sparx_mamba_config import pretrained_cfg, resolve_config
 from ..models.wiring import STAGE_INPUT
-from .common import DropPath, GroupNorm1, LayerScale, get_kernels, released_init_
+from .common import DepthwiseConv2d, DropPath, GroupNorm1, LayerScale, get_kernels, released_init_
 from .dmca import add_dmca_layers, dmca_forward
 
 
@@ -33,7 +33,7 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden, kernel_size=1)
-        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, groups=hidden)
+        self.dwconv = DepthwiseConv2d(hidden, 3)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, kernel_size=1)
 
@@ -84,8 +84,9 @@ class SparXSS2D(nn.Module):
         else:
             self.in_proj = nn.Conv2d(d_model, d_inner, kernel_size=1)
         if d_conv > 1:
-            self.conv2d = nn.Conv2d(d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2,
-                                    groups=d_inner)
+            self.conv2d = (DepthwiseConv2d(d_inner, d_conv) if d_conv % 2 else  # even: not "same"
+                           nn.Conv2d(d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2,
+                                     groups=d_inner))
         self.act = nn.SiLU()
         self.out_norm = GroupNorm1(d_inner)
         self.out_proj = nn.Conv2d(d_inner, d_model, kernel_size=1)
@@ -132,7 +133,7 @@ class SparXVSSBlock(nn.Module):
                  sr_ratio, drop_path, kernels):
         super().__init__()
         self.plan = plan
-        self.pos_embed = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.pos_embed = DepthwiseConv2d(dim, 3)
         self.norm = GroupNorm1(dim)
         self.op = SparXSS2D(dim, d_state, ssm_ratio, dt_rank, d_conv, plan, sr_ratio, kernels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -190,6 +191,9 @@ class SparXMamba(nn.Module):
         self.classifier = nn.Sequential(GroupNorm1(self.num_features), nn.AdaptiveAvgPool2d(1),
                                         nn.Flatten(1), nn.Linear(self.num_features, self.num_classes))
         self.apply(released_init_)
+        if kernel_backend != "torch":   # the depthwise convs and LayerScales too
+            from .ops import set_kernel_backend
+            set_kernel_backend(self, kernel_backend)
         self.record = False
         self.recorded = OrderedDict()
 

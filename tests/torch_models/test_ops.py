@@ -22,6 +22,7 @@ import torch
 from sparx_ref import kernels
 from sparx_ref.kernels import KernelUnavailable
 from sparx_ref.ref import dmca as ref_dmca
+from sparx_ref.ref import layers as ref_layers
 from sparx_ref.ref import scan as ref_scan
 from sparx_ref.ref import ss2d as ref_ss2d
 from sparx_ref.ref import window_attention as ref_wa
@@ -39,6 +40,7 @@ REF_KERNELS = {
     "ss2d_scan_fwd": ref_ss2d.ss2d_scan_fwd, "ss2d_scan_bwd": ref_ss2d.ss2d_scan_bwd,
     "window_attention_fwd": ref_wa.window_attention_fwd, "window_attention_bwd": ref_wa.window_attention_bwd,
     "dmca_attention_fwd": ref_dmca.dmca_attention_fwd, "dmca_attention_bwd": ref_dmca.dmca_attention_bwd,
+    "depthwise_conv2d_fwd": ref_layers.depthwise_conv2d_fwd, "depthwise_conv2d_bwd": ref_layers.depthwise_conv2d_bwd,
 }
 
 
@@ -93,6 +95,9 @@ def op_inputs(op, rng, dtype=torch.float64, device="cpu", tiny=False):
     if op == "dmca_attention":
         Bq, C, Ls, Lv, G = (1, 4, 3, 5, 2) if tiny else (2, 8, 4, 6, 2)
         return (mk(Bq, C, Ls), mk(Bq, C, Ls), mk(Bq, C, Lv), G), {}
+    if op == "depthwise_conv2d":
+        kh, kw = (3, 3) if tiny else (3, 5)
+        return (mk(b, Di, H, W), mk(Di, 1, kh, kw), mk(Di)), {}
     raise KeyError(op)
 
 
@@ -156,6 +161,11 @@ def test_torch_forms_match_oracle(rng):
     out, attn = ops.dmca_attention(*args)
     assert_close(out, out_ref, "float64", "autograd", "dmca out")
     assert_close(attn, cache["attn"], "float64", "autograd", "dmca attn")
+
+    args, _ = op_inputs("depthwise_conv2d", rng)
+    np_args = [a.detach().numpy() for a in args]
+    out_ref, _ = ref_layers.depthwise_conv2d_fwd(*np_args)
+    assert_close(ops.depthwise_conv2d(*args), out_ref, "float64", "autograd", "depthwise out")
 
 
 def test_torch_backend_is_plain_autograd(rng):
@@ -277,6 +287,34 @@ def test_cupy_functions(op, rng):
         pytest.skip(f"no usable cupy kernel for {op} (needs a GPU)")
     args, kw = op_inputs(op, rng, device="cuda", dtype=torch.float32)
     compare_with_torch(op, args, kw, "cupy", rng, "kernel")
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_functions_gradcheck_float64(backend, op, rng):
+    """``gradcheck`` in float64 on CUDA tensors, for every op whose kernels take float64 (the
+    scan kernels are float32 only and say so with a TypeError)."""
+    if op not in present(backend) or ops._cudasim():
+        pytest.skip(f"no usable {backend} kernel for {op}")
+    args, kw = op_inputs(op, rng, device="cuda", tiny=True)
+    leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def f(*xs):
+        full = list(args)
+        for i, x in zip(leaves, xs):
+            full[i] = x
+        return first(run(op, full, kw, backend))
+
+    try:
+        f(*[args[i] for i in leaves])
+    except TypeError as err:
+        if "float32" not in str(err):
+            raise
+        pytest.skip(f"{backend} {op} kernels are float32 only ({err})")
+    assert torch.autograd.gradcheck(f, [args[i] for i in leaves], eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=True)
+    assert type(first(f(*[args[i] for i in leaves])).grad_fn).__name__.endswith("FnBackward")
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
