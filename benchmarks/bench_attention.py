@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (copy_bandwidth_gbs, fmt_table, fp32_matmul_tflops, median_ms,  # noqa: E402
-                               use_cupy_pool_for_numba)
+                               use_cupy_pool_for_numba, write_results_block)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Attention kernels"
@@ -465,19 +464,7 @@ def markdown(results):
 
 def write_results(text):
     """Replace this script's block in RESULTS.md's "Attention kernels" section (others untouched)."""
-    start, end = BLOCK
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if start in old:
-        new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
-    elif SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        nxt = re.search(r"^## ", rest, flags=re.M)
-        cut = nxt.start() if nxt else len(rest)
-        new = head + SECTION + rest[:cut].rstrip() + "\n\n" + block + "\n\n" + rest[cut:]
-    else:
-        new = old.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
-    RESULTS.write_text(new.rstrip() + "\n")
+    write_results_block(SECTION, *BLOCK, text, path=RESULTS)
 
 
 def main(argv=None):

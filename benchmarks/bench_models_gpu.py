@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import re
 import sys
 import time
 import traceback
@@ -44,6 +43,8 @@ os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import write_results_block  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Whole models"
@@ -59,21 +60,10 @@ ACCEPT = {"train": 100.0, "infer": 20.0}            # min speed-up over kernel_b
 def write_block(tag: str, text: str) -> None:
     """Replace the block ``<!-- whole-models:{tag} -->`` in RESULTS.md's "Whole models"
     section (creating the section or block if missing); other sections are left alone."""
-    start, end = f"<!-- whole-models:{tag} -->", f"<!-- /whole-models:{tag} -->"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if start in old:
-        new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
-    elif SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        nxt = re.search(r"^## ", rest, flags=re.M)
-        cut = nxt.start() if nxt else len(rest)
-        new = head + SECTION + rest[:cut].rstrip() + "\n\n" + block + "\n\n" + rest[cut:]
-    else:
-        intro = ("Issue 7: the PyTorch twins with kernel_backend \"torch\" vs our kernels "
-                 "(benchmarks/bench_models_gpu.py, benchmarks/bench_models_cpu.py).")
-        new = old.rstrip() + f"\n\n{SECTION}\n\n{intro}\n\n{block}\n"
-    RESULTS.write_text(new.rstrip() + "\n")
+    intro = ("Issue 7: the PyTorch twins with kernel_backend \"torch\" vs our kernels "
+             "(benchmarks/bench_models_gpu.py, benchmarks/bench_models_cpu.py).")
+    write_results_block(SECTION, f"<!-- whole-models:{tag} -->", f"<!-- /whole-models:{tag} -->", text,
+                        intro=intro, path=RESULTS)
 
 
 # ---------------------------------------------------------------------------------------

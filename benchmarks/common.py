@@ -19,6 +19,7 @@ CPU:
 
 :func:`fmt_table` prints rows as a Markdown table (``scripts/gpu-check`` collects lines that
 start with ``|``). :func:`profile_text`: cProfile of repeated calls, as text (the diag scripts).
+:func:`write_results_block`: replace one script's marked block in ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -179,3 +180,24 @@ def profile_text(fn, calls, sorts=(("tottime", 25), ("cumulative", 30))):
     for key, limit in sorts:
         pstats.Stats(prof, stream=out).sort_stats(key).print_stats(limit)
     return out.getvalue()
+
+
+def write_results_block(section: str, start: str, end: str, text: str, intro: str = "", path=None) -> None:
+    """Replace the block between the markers ``start`` and ``end`` in RESULTS.md (``path``), or add
+    it at the end of ``section`` (a "## ..." heading; created, with ``intro``, if missing). The rest
+    of the file is left alone."""
+    import re
+    from pathlib import Path
+    path = Path(path) if path is not None else Path(__file__).resolve().parent / "RESULTS.md"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start in old:
+        new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
+    elif section in old:
+        head, rest = old.split(section, 1)
+        nxt = re.search(r"^## ", rest, flags=re.M)
+        cut = nxt.start() if nxt else len(rest)
+        new = head + section + rest[:cut].rstrip() + "\n\n" + block + "\n\n" + rest[cut:]
+    else:
+        new = old.rstrip() + f"\n\n{section}\n\n" + (f"{intro}\n\n" if intro else "") + f"{block}\n"
+    path.write_text(new.rstrip() + "\n")
