@@ -1,0 +1,93 @@
+"""Host time of the twins' autograd Functions on the GPU backends (issue 7). GPU only.
+
+A SparX-Mamba-T training step makes ~230 calls of our Functions (forward and backward); when
+each costs a few hundred microseconds of Python, the step is host-bound (``diag_models_gpu.py
+--profile`` prints the step's GPU time next to its wall time). For each GPU backend this times
+``ops.<op>`` forward and forward+backward on small CUDA tensors (the GPU work is negligible, so
+the wall time per call is the host time), next to the same op in plain PyTorch, and prints a
+cProfile listing of the forward+backward calls: where the host time goes.
+
+    NUMBA_ENABLE_CUDASIM=0 python benchmarks/diag_function_host.py [--calls 300] [--ops depthwise_conv2d]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import profile_text  # noqa: E402
+
+
+def inputs(op):
+    """(args, kwargs) of a small problem for ``ops.<op>`` on the GPU, leaves requiring grad."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).requires_grad_(True)
+    if op == "depthwise_conv2d":
+        return (t(2, 32, 7, 7), t(32, 1, 3, 3), t(32)), {}
+    if op == "selective_scan":
+        A = (-torch.rand(4 * 16, 1, device="cuda", generator=g) - 0.5).requires_grad_(True)
+        return (t(2, 64, 49), t(2, 64, 49), A, t(2, 4, 1, 49), t(2, 4, 1, 49), t(64), t(64)), \
+            {"delta_softplus": True}
+    if op == "cross_merge":
+        return (t(2, 4, 16, 49), 7, 7), {}
+    raise KeyError(op)
+
+
+def per_call_us(fn, calls):
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def main():
+    import torch
+    from sparx_ref.torch_models import ops
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--ops", nargs="+", default=["depthwise_conv2d", "selective_scan", "cross_merge"])
+    p.add_argument("--backends", nargs="+", default=["torch", "cupy", "numba_cuda"])
+    p.add_argument("--profile-backend", default="cupy")
+    args = p.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, host us per call (best of 3 x {args.calls} calls)")
+    for op in args.ops:
+        a, kw = inputs(op)
+        fn = getattr(ops, op)
+        for backend in args.backends:
+            def fwd():
+                with torch.no_grad():
+                    fn(*a, backend=backend, **kw)
+
+            def fb():
+                out = fn(*a, backend=backend, **kw)
+                out = out[0] if isinstance(out, tuple) else out
+                out.sum().backward()
+            print(f"{op:18s} {backend:10s} forward {per_call_us(fwd, args.calls):7.1f} us   "
+                  f"forward+backward {per_call_us(fb, args.calls):7.1f} us", flush=True)
+        if args.profile_backend:
+            # the forward with autograd recording (the backward runs on autograd's device thread,
+            # which cProfile does not see; it shares the forward's plumbing)
+            print(f"\n# cProfile: {op} forward (grad mode) on {args.profile_backend}, {args.calls} calls")
+            print(profile_text(lambda: fn(*a, backend=args.profile_backend, **kw), args.calls,
+                               sorts=(("tottime", 30),)))
+
+
+if __name__ == "__main__":
+    main()
