@@ -35,9 +35,13 @@ kernel's own backward. Tensors cross over without a copy:
   ``torch.cuda.max_memory_allocated`` counts them. Under the CUDA simulator
   (``NUMBA_ENABLE_CUDASIM=1``) CPU tensors are accepted and copied to the simulator's
   arrays: that is how the Functions are tested without a GPU (tiny shapes only).
-- ``cupy``: CUDA tensors through DLPack (``cupy.from_dlpack`` / ``torch.from_dlpack``); the
-  kernels run on PyTorch's current stream (``cupy.cuda.Stream.from_external``) and allocate from
-  PyTorch's caching allocator (``cupy.cuda.using_allocator``, scoped to the call).
+- ``cupy``: CUDA tensors as CuPy views of their memory (``cupy.cuda.UnownedMemory`` owning a
+  reference to the tensor); the kernels run on PyTorch's current stream
+  (``cupy.cuda.Stream.from_external``) and allocate from PyTorch's caching allocator
+  (``cupy.cuda.using_allocator``, scoped to the call: each allocation is a uint8 tensor), so
+  results come back as typed views of those tensors. Both sides being on one stream, this skips
+  DLPack's per-exchange stream handshake (tens of microseconds of host time per tensor); DLPack
+  (``cupy.from_dlpack`` / ``torch.from_dlpack``) remains the fallback for anything else.
 
 Inputs may be non-contiguous (they are made contiguous first, a no-op when they already
 are); all floating inputs must share one dtype (float32 or float64; a kernel may support
@@ -257,8 +261,7 @@ class _Runtime:
             if self.simulated:
                 return cuda.to_device(t.numpy())
             return cuda.as_cuda_array(t)
-        import cupy
-        return cupy.from_dlpack(t)
+        return _torch_to_cupy(t, self.device.index)
 
     # -- kernel arrays -> tensors ------------------------------------------------------
     def unwrap(self, a):
@@ -274,7 +277,7 @@ class _Runtime:
         if self.simulated:
             return torch.from_numpy(np.ascontiguousarray(a.copy_to_host()))
         if type(a).__module__.startswith("cupy"):
-            return torch.from_dlpack(a)
+            return _cupy_to_torch(a)
         return torch.as_tensor(a, device=self.device)
 
     # -- the launch context -------------------------------------------------------------
@@ -283,12 +286,17 @@ class _Runtime:
         if self.backend == "numba_cpu" or self.simulated:
             yield
             return
+        if self.backend == "cupy":
+            # only the contexts that change something: each costs microseconds, and a training
+            # step of SparX-Mamba-T makes ~230 of these calls
+            import cupy
+            index = self.device.index
+            with (torch.cuda.device(index) if torch.cuda.current_device() != index else _NO_CONTEXT), \
+                    (cupy.cuda.Device(index) if cupy.cuda.runtime.getDevice() != index else _NO_CONTEXT), \
+                    _cupy_stream(index), _cupy_torch_allocator():
+                yield
+            return
         with torch.cuda.device(self.device):
-            if self.backend == "cupy":
-                import cupy
-                with cupy.cuda.Device(self.device.index), _cupy_stream(), _cupy_torch_allocator():
-                    yield
-                return
             # numba_cuda: kernels go to the legacy default stream
             share_torch_memory_with_numba()
             current = torch.cuda.current_stream()
@@ -302,41 +310,93 @@ class _Runtime:
 
 
 _CUPY_STREAMS: dict = {}
+_NO_CONTEXT = contextlib.nullcontext()
+# cudaStream_t of PyTorch's current stream on a device: the private accessor PyTorch's own
+# kernels use (microseconds cheaper than torch.cuda.current_stream), the public API otherwise.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def _cupy_stream():
-    """PyTorch's current stream as CuPy's current stream (the legacy default stream, ptr 0,
-    is CuPy's default too: nothing to do)."""
-    current = torch.cuda.current_stream()
-    ptr = current.cuda_stream
+def _current_stream_ptr(index: int) -> int:
+    """cudaStream_t (as an int; 0 = the legacy default stream) of PyTorch's current stream."""
+    if _RAW_STREAM is not None:
+        return int(_RAW_STREAM(index))
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def _cupy_stream(index: int):
+    """PyTorch's current stream on device ``index`` as CuPy's current stream (the legacy
+    default stream, ptr 0, is CuPy's default too: nothing to do)."""
+    ptr = _current_stream_ptr(index)
     if not ptr:
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
     stream = _CUPY_STREAMS.get(ptr)
     if stream is None:
         import cupy
+        current = torch.cuda.current_stream(index)
         try:
             stream = cupy.cuda.Stream.from_external(current)   # CuPy >= 14: the stream protocol
         except Exception:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                stream = cupy.cuda.ExternalStream(ptr, current.device.index)
+                stream = cupy.cuda.ExternalStream(ptr, index)
         _CUPY_STREAMS[ptr] = stream
     return stream
 
 
+# --- tensors <-> CuPy arrays by pointer --------------------------------------------------
+# DLPack (cupy.from_dlpack / torch.from_dlpack) negotiates streams on every exchange, which
+# costs ~50-100 us of host time per tensor; here both sides are already on one stream (the
+# launch context makes PyTorch's current stream CuPy's), so the arrays are built directly.
+_NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_TORCH_DTYPE = {v: k for k, v in _NUMPY_DTYPE.items()}
+# CuPy allocations made inside a launch: base pointer -> the uint8 tensor owning the memory
+_CUPY_BLOCKS: dict = {}
+
+
+def _torch_to_cupy(t, index):
+    """A CuPy view of the contiguous CUDA tensor ``t`` (which it keeps alive); no copy."""
+    import cupy
+    dtype = _NUMPY_DTYPE.get(t.dtype)
+    if dtype is None or t.numel() == 0:
+        return cupy.from_dlpack(t)
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * dtype.itemsize, t, index)
+    return cupy.ndarray(tuple(t.shape), dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+
+def _cupy_to_torch(a):
+    """A tensor view of the CuPy array ``a`` (no copy): a typed view of the tensor block its
+    memory came from (see :func:`_cupy_block_malloc`), else through DLPack."""
+    block = _CUPY_BLOCKS.get(a.data.mem.ptr)
+    dtype = _TORCH_DTYPE.get(a.dtype)
+    if block is None or dtype is None or a.size == 0 or not a.flags.c_contiguous:
+        return torch.from_dlpack(a)
+    start = a.data.ptr - a.data.mem.ptr
+    return block[start:start + a.nbytes].view(dtype).view(a.shape)
+
+
+def _cupy_block_malloc(size, device_id):
+    """CuPy's allocator inside a launch: a uint8 tensor from PyTorch's caching allocator (on
+    PyTorch's current stream), kept until CuPy frees the memory; tensor views made by
+    :func:`_cupy_to_torch` keep the block alive after that."""
+    block = torch.empty(max(int(size), 1), dtype=torch.uint8, device=torch.device("cuda", device_id))
+    ptr = block.data_ptr()
+    _CUPY_BLOCKS[ptr] = block
+    return ptr
+
+
+def _cupy_block_free(ptr, device_id):
+    _CUPY_BLOCKS.pop(ptr, None)
+
+
 def _torch_malloc(size, device_id):
-    stream = torch.cuda.current_stream(device_id)
-    return torch.cuda.caching_allocator_alloc(size, device_id, stream)
-
-
-def _torch_free(ptr, device_id):
-    torch.cuda.caching_allocator_delete(ptr)
+    """Numba's allocations (EMM plugin): raw memory from PyTorch's caching allocator."""
+    return torch.cuda.caching_allocator_alloc(size, device_id, _current_stream_ptr(device_id))
 
 
 @functools.lru_cache(maxsize=None)
 def _cupy_allocator():
     import cupy
-    return cupy.cuda.memory.PythonFunctionAllocator(_torch_malloc, _torch_free).malloc
+    return cupy.cuda.memory.PythonFunctionAllocator(_cupy_block_malloc, _cupy_block_free).malloc
 
 
 def _cupy_torch_allocator():

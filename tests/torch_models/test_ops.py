@@ -318,6 +318,28 @@ def test_gpu_functions_gradcheck_float64(backend, op, rng):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
+def test_cupy_results_are_views_of_torch_memory_that_outlive_the_call(rng):
+    """The CuPy bridge: inputs are viewed in place, results are views of tensors from PyTorch's
+    allocator, and they stay valid (and unshared) after CuPy lets go and PyTorch reallocates."""
+    if "depthwise_conv2d" not in present("cupy"):
+        pytest.skip("cupy not usable here")
+    import cupy
+    x = torch.randn(2, 8, 9, 9, device="cuda")
+    rt = ops._Runtime("cupy", x.device)
+    view = rt.wrap(x)
+    assert isinstance(view, cupy.ndarray) and view.data.ptr == x.data_ptr()
+    w, b = torch.randn(8, 1, 3, 3, device="cuda"), torch.randn(8, device="cuda")
+    outs = [ops.depthwise_conv2d(x, w, b, backend="cupy") for _ in range(3)]
+    ref = ops.depthwise_conv2d(x, w, b)
+    assert len({o.data_ptr() for o in outs}) == 3
+    assert not ops._CUPY_BLOCKS, "CuPy's arrays are gone, so no block may stay registered"
+    churn = [torch.full((2, 8, 9, 9), float("nan"), device="cuda") for _ in range(8)]   # reuse freed memory
+    for o in outs:
+        assert_close(o, ref, "float32", "kernel", "result after reallocation")
+    del churn
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
 @pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
 def test_gpu_functions_follow_the_current_stream(backend, rng):
     if "dmca_attention" not in present(backend) or ops._cudasim():
