@@ -273,6 +273,7 @@ extern "C" __global__ void dw_bwd_finish(const REAL* __restrict__ part, REAL* __
 CUDA_SOURCES = {"depthwise_conv2d": CUDA_SOURCE}
 NVRTC_OPTIONS = ("-std=c++17",)
 _MODULES: dict = {}
+_FUNCTIONS: dict = {}
 
 
 def nvrtc_options(dtype, kh, kw):
@@ -288,13 +289,16 @@ def _cupy():
 
 
 def _kernel(dtype, kh, kw, name):
-    """Kernel ``name`` of CUDA_SOURCE compiled for (dtype, kh, kw) (cached per process)."""
-    key = (np.dtype(dtype).name, kh, kw)
-    module = _MODULES.get(key)
-    if module is None:
-        module = _cupy().RawModule(code=CUDA_SOURCE, options=nvrtc_options(dtype, kh, kw))
-        _MODULES[key] = module
-    return module.get_function(name)
+    """Kernel ``name`` of CUDA_SOURCE compiled for (dtype, kh, kw) (module and function cached
+    per process: a SparX-Mamba training step makes ~140 of these calls)."""
+    key = (dtype, kh, kw, name)
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        module_key = (np.dtype(dtype).name, kh, kw)
+        if module_key not in _MODULES:
+            _MODULES[module_key] = _cupy().RawModule(code=CUDA_SOURCE, options=nvrtc_options(dtype, kh, kw))
+        fn = _FUNCTIONS[key] = _MODULES[module_key].get_function(name)
+    return fn
 
 
 def _empty(shape, dtype):
@@ -387,10 +391,13 @@ def _bwd(version, dout, cache):
     _shape("dout", dout, (B, C, H, W))
     if dout.dtype != dtype:
         raise TypeError(f"dout has dtype {dout.dtype} but the forward ran in {np.dtype(dtype).name}")
-    dweight = _empty((C, 1, kh, kw), dtype)
-    dbias = _empty((C,), dtype) if has_bias else None
-    db_arg = dbias if has_bias else dweight         # never written when has_bias == 0
     kk = kh * kw
+    slices, per_slice = _slices(B, C) if version == "strip" else (0, 0)
+    # the filter and bias gradients and the strip backward's partial sums: one allocation
+    small = _empty((C * kk + C + slices * C * (kk + 1),), dtype)
+    dweight = small[:C * kk].reshape(C, 1, kh, kw)
+    dbias = small[C * kk:C * kk + C] if has_bias else None
+    db_arg = dbias if has_bias else dweight         # never written when has_bias == 0
     if version == "naive":
         dx = _correlate("naive", dout, w2, None, 1, dims, dtype)
         _kernel(dtype, kh, kw, "dw_wgrad_naive")((C, kk + 1), (_THREADS,), (
@@ -398,8 +405,7 @@ def _bwd(version, dout, cache):
     else:
         dx = _empty((B, C, H, W), dtype)
         nq = (W + STRIP - 1) // STRIP
-        slices, per_slice = _slices(B, C)
-        part = _empty((slices, C, kk + 1), dtype)
+        part = small[C * kk + C:]
         _kernel(dtype, kh, kw, "dw_bwd_strip")((C, slices), (_THREADS,), (
             x, dout, w2, dx, part, _u(B), _u(C), _u(H), _u(W), _u(nq), _u(per_slice)))
         _kernel(dtype, kh, kw, "dw_bwd_finish")(_blocks(C * (kk + 1)), (_THREADS,), (
