@@ -247,18 +247,26 @@ def test_scan_vec_numba_ptx_has_no_local_memory_and_no_f64(name):
                                                                                    one_round))
     assert ".local" not in ptx and ".f64" not in ptx, name
     assert ("ld.global.v4.f32" in ptx) == vec, name
+    res = _linked_resources(ptx, name, fn.__name__)
+    if res is None:
+        return
+    print(name, res)
+    assert res and res[0].get("frame", 0) == 0, (name, res)
+
+
+def _linked_resources(ptx, name, function):
+    """[{"regs", "frame"}] of the kernel ``function`` after linking ``ptx`` for sm_90 with
+    nvJitLink (ptxas inside), or None when nvJitLink is not installed."""
     try:
         from cuda.bindings import nvjitlink
     except ImportError:
-        return
+        return None
     h = nvjitlink.create(1, ["-arch=sm_90"])
     nvjitlink.add_data(h, nvjitlink.InputType.PTX, ptx.encode(), len(ptx), name)
     nvjitlink.complete(h)
     cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
     nvjitlink.get_linked_cubin(h, cubin)
-    res = [v for k, v in _cubin_kernel_resources(bytes(cubin)).items() if fn.__name__ in k]
-    print(name, res)
-    assert res and res[0].get("frame", 0) == 0, (name, res)
+    return [v for k, v in _cubin_kernel_resources(bytes(cubin)).items() if function in k]
 
 
 @pytest.mark.parametrize("opts", [("-DNSTATE=1", "-DSEG=32", "-DITEMS=4", "-DVEC=1"),
@@ -292,3 +300,31 @@ def test_depthwise_conv_cuda_cubin_spills_nothing(dtype, k):
     print(dtype, k, info)
     for kernel in ("dw_fwd_strip", "dw_bwd_strip", "dw_fwd_naive", "dw_wgrad_naive", "dw_bwd_finish"):
         assert info[kernel].get("frame", 0) == 0 and info[kernel]["regs"] <= 65536 // 256, (kernel, info[kernel])
+
+
+# --- depthwise conv "strip", Numba (sparx_ref/kernels/numba_cuda/conv.py): the kernels are built per
+# (dtype, kh, kw), so the row segments, the dx accumulators and the backward's kh*kw + 1 filter sums
+# are local arrays of compile-time size whose loops unroll completely: they must stay in registers
+# (no .local; linked for sm_90, no spill frame). Sizes are uint32 and indices uint64: no wrap-around
+# fix-up (shr.s64), no float64 in the float32 kernels, and the divisions 32-bit as in the CUDA C.
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize("kernel", ["dw_fwd_strip", "dw_bwd_strip"])
+def test_numba_depthwise_conv_strip_ptx_has_no_local_memory(kernel, k):
+    from numba import cuda
+    from sparx_ref.kernels.numba_cuda.conv import PTX_KERNELS, STRIP
+    name = f"{kernel}_k{k}x{k}_float32"
+    (fn, sig), = [(f, s) for n, f, s in PTX_KERNELS if n == name]
+    ptx = cuda.compile_ptx(fn, sig, cc=(9, 0))[0]
+    assert ".local" not in ptx, name
+    assert "shr.s64" not in ptx and ".f64" not in ptx, name
+    assert "div.u64" not in ptx and "rem.u64" not in ptx and "div.u32" in ptx, name
+    # unrolled FMAs: the backward indexes its filter sums by (row, column) of the filter, so its row
+    # loop must unroll too (k*k*V FMAs for dx, as many for dweight); the forward's row loop may stay
+    # a loop (its segment and accumulators are indexed by the inner loops only): one row, k*V
+    fmas = sum(ln.strip().startswith("fma.rn.f32") for ln in ptx.splitlines())
+    assert fmas >= (2 * k * k * STRIP if kernel == "dw_bwd_strip" else k * STRIP), (name, fmas)
+    if kernel == "dw_bwd_strip":
+        assert "shfl.sync.bfly" in ptx and "bar.sync" in ptx, name      # warp shuffles, then the warps
+    res = _linked_resources(ptx, name, fn.__name__)
+    print(name, res)
+    assert res is None or (res and res[0].get("frame", 0) == 0), (name, res)

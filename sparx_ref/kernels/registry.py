@@ -182,9 +182,11 @@ _TABLE: list[Entry] = [
 
 
 # --- depthwise "same" convolution (issue 7: PyTorch's float32 depthwise backward was the largest
-# item of a SparX-Mamba training step). CuPy only for now: see benchmarks/RESULTS.md.
+# item of a SparX-Mamba training step). The same ladder on both GPU backends (the Numba module is
+# a port of the CuPy one); the GPU timings are in benchmarks/RESULTS.md.
 _TABLE += [
-    Entry(op, "cupy", version, f"sparx_ref.kernels.cupy.conv:{op}{suffix}", version == "strip", idea)
+    Entry(op, backend, version, f"sparx_ref.kernels.{backend}.conv:{op}{suffix}", version == "strip", idea)
+    for backend in ("numba_cuda", "cupy")
     for version, suffix, ideas in (
         ("naive", "_naive", ("one thread per output element reads its kh*kw neighbours",
                              "dx by the forward kernel with the filter turned 180 degrees; filter and "

@@ -161,6 +161,33 @@ def warp_sum(v):
     return v
 
 
+if not SIMULATOR:
+    @cuda.jit(device=True, inline=True)
+    def warp_sum_each(v, n):
+        """v[k] <- warp_sum(v[k]) for k < n: a register array's sums over the warp (n a
+        compile-time constant at the call: the loop unrolls and v stays in registers)."""
+        for k in range(n):
+            v[k] = warp_sum(v[k])
+else:  # pragma: no cover - exercised by the simulator tests
+    def _warp_sum_each_sim(v, n):
+        """The n sums in one exchange (two barriers, not 5n: each emulated shuffle costs one):
+        every thread publishes v[:n]; each then replays its warp's xor butterfly on the 32 rows
+        (lane l at offset o adds lane l ^ o to its own value, as warp_sum does), element by
+        element in v's dtype: the bits of the GPU's shuffles, float64 included."""
+        buf = cuda.shared.array((1024, n), v.dtype)
+        tid = cuda.threadIdx.x + cuda.blockDim.x * cuda.threadIdx.y
+        buf[tid, :] = v[:n]
+        cuda.syncthreads()
+        rows = buf[tid & ~31:(tid & ~31) + 32].copy()
+        cuda.syncthreads()                  # all have read: the next call may overwrite buf
+        lanes = np.arange(32)
+        for off in (16, 8, 4, 2, 1):
+            rows = rows + rows[lanes ^ off]
+        v[:n] = rows[tid & 31]
+
+    warp_sum_each = cuda.jit(device=True)(_warp_sum_each_sim)   # so the simulator swaps ``cuda`` here
+
+
 @cuda.jit(device=True, inline=True)
 def load_map(g, goff, s, soff, H, W, P):
     """s[soff + h*P + w] = g[goff + h*W + w]; eight loads issued before the first shared store."""
