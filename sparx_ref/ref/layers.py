@@ -206,6 +206,8 @@ def depthwise_conv2d_fwd(x, weight, bias=None):
     x = as_float_array("x", x, ndim=4)
     weight = as_float_array("weight", weight, ndim=4, dtype=x.dtype)
     C = x.shape[1]
+    if C == 0:
+        raise ValueError(f"x must have at least one channel, got shape {x.shape}")
     check_shape("weight", weight, (C, 1, None, None))
     kh, kw = weight.shape[2:]
     if kh % 2 == 0 or kw % 2 == 0:

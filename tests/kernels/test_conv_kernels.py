@@ -174,6 +174,20 @@ def test_depthwise_conv_backward_is_deterministic(device, backend, version, rng)
         np.testing.assert_array_equal(_host(first[key]), _host(second[key]), err_msg=key)
 
 
+@pytest.mark.parametrize("backend,version", _versions())
+def test_depthwise_conv_empty_batch(device, backend, version, rng):
+    """An empty batch gives an empty output and zero filter/bias gradients, as the reference;
+    no channels is refused by both, naming x."""
+    dev = device(backend)
+    _check(dev, version, *_case(rng, 0, 3, 4, 5, 3, 3, True), np.float32)
+    x, w, _, _ = _case(rng, 2, 0, 4, 5, 3, 3, False)
+    with pytest.raises(ValueError, match="x must have at least one channel"):
+        ref_layers.depthwise_conv2d_fwd(x, w)
+    fwd, _ = dev.kernels(version)
+    with pytest.raises(ValueError, match="x must have at least one channel"):
+        fwd(dev.put(x.astype(np.float32)), dev.put(w.astype(np.float32)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_depthwise_conv_rejects_bad_input_naming_the_argument(device, backend, rng):
     dev = device(backend)

@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._conv_common import MAX_KERNEL, STRIP, THREADS, batch_slices, conv_dims
 from .attention import _device, _same_dtype, _shape
 
 __all__ = ["depthwise_conv2d_fwd", "depthwise_conv2d_bwd", "depthwise_conv2d_fwd_naive",
            "depthwise_conv2d_bwd_naive", "CUDA_SOURCES", "NVRTC_OPTIONS", "MAX_KERNEL", "STRIP",
            "nvrtc_options"]
 
-MAX_KERNEL = 7       # largest kh, kw: the strip backward keeps kh*kw + 1 sums in registers
-STRIP = 4            # outputs per thread along a row (V in the source)
-_THREADS = 256       # every launch; BLOCK in the source
-_BLOCKS_PER_SM = 4   # the strip backward splits the batch until C * slices reaches this x SMs
+_THREADS = THREADS   # every launch; BLOCK in the source
 
 CUDA_SOURCE = r"""
 // Depthwise "same" convolution, stride 1: REAL (float/double), KH, KW (odd), V and BLOCK are
@@ -324,18 +322,8 @@ def _check_inputs(x, weight, bias):
     weight = _device("weight", weight, 4)
     bias = None if bias is None else _device("bias", bias, 1)
     dtype = _same_dtype(x=x, weight=weight, bias=bias)
-    B, C, H, W = (int(s) for s in x.shape)
-    kh, kw = int(weight.shape[2]), int(weight.shape[3])
-    _shape("weight", weight, (C, 1, kh, kw))
-    if bias is not None:
-        _shape("bias", bias, (C,))
-    if B * C * H * W >= 2 ** 31:
-        raise ValueError(f"x has {B * C * H * W} elements; these kernels index with 32-bit integers "
-                         f"and take fewer than 2**31 (split the batch)")
-    if kh % 2 == 0 or kw % 2 == 0 or max(kh, kw) > MAX_KERNEL:
-        raise ValueError(f"weight's kernel size must be odd and at most {MAX_KERNEL} in both "
-                         f"dimensions, got {(kh, kw)}")
-    return x, weight.reshape(C, kh * kw), bias, dtype, (B, C, H, W, kh, kw)
+    B, C, H, W, kh, kw = dims = conv_dims(x, weight, bias, _shape)
+    return x, weight.reshape(C, kh * kw), bias, dtype, dims
 
 
 def _correlate(version, src, weight, bias, flip, dims, dtype):
@@ -344,6 +332,8 @@ def _correlate(version, src, weight, bias, flip, dims, dtype):
     out = _empty((B, C, H, W), dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else weight          # never read when has_bias == 0
+    if out.size == 0:                                # an empty batch: no (empty) grid to launch
+        return out
     if version == "naive":
         total = B * C * H * W
         _kernel(dtype, kh, kw, "dw_fwd_naive")(_blocks(total), (_THREADS,), (
@@ -377,11 +367,8 @@ def _sm_count():
 
 
 def _slices(B, C):
-    """Batch slices of the strip backward: enough (channel, slice) blocks to fill the GPU."""
-    sms = _sm_count()
-    slices = max(1, min(B, -(-_BLOCKS_PER_SM * sms // C)))
-    per_slice = -(-B // slices)
-    return -(-B // per_slice), per_slice
+    """Batch slices of the strip backward (:func:`.._conv_common.batch_slices`)."""
+    return batch_slices(B, C, _sm_count())
 
 
 def _bwd(version, dout, cache):

@@ -56,7 +56,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from ..cupy.conv import _BLOCKS_PER_SM, _THREADS, MAX_KERNEL, STRIP   # host constants (no CuPy import)
+from .._conv_common import MAX_KERNEL, STRIP, batch_slices, conv_dims
+from .._conv_common import THREADS as _THREADS
 from ._launch import current_context, flat, launch
 from .attention import _blocks, _device, _is_cupy, _same_dtype, _shape, _wrap
 from .attention import _empty   # every output and scratch buffer comes from here (tests: NaN-filled)
@@ -361,18 +362,7 @@ def _check_inputs(x, weight, bias):
     weight = _device("weight", weight, 4)
     bias = None if bias is None else _device("bias", bias, 1)
     dtype = _same_dtype(x=x, weight=weight, bias=bias)
-    B, C, H, W = (int(s) for s in x.shape)
-    kh, kw = int(weight.shape[2]), int(weight.shape[3])
-    _shape("weight", weight, (C, 1, kh, kw))
-    if bias is not None:
-        _shape("bias", bias, (C,))
-    if B * C * H * W >= 2 ** 31:
-        raise ValueError(f"x has {B * C * H * W} elements; these kernels index with 32-bit integers "
-                         f"and take fewer than 2**31 (split the batch)")
-    if kh % 2 == 0 or kw % 2 == 0 or max(kh, kw) > MAX_KERNEL:
-        raise ValueError(f"weight's kernel size must be odd and at most {MAX_KERNEL} in both "
-                         f"dimensions, got {(kh, kw)}")
-    return x, weight, bias, dtype, (B, C, H, W, kh, kw)
+    return x, weight, bias, dtype, conv_dims(x, weight, bias, _shape)
 
 
 def _correlate(version, src, weight, bias, flip, dims, dtype):
@@ -419,11 +409,8 @@ def _sm_count():
 
 
 def _slices(B, C):
-    """(slices, images per slice) of the strip backward: enough (channel, slice) blocks to give
-    every SM _BLOCKS_PER_SM of them, at most one slice per image; the CuPy module's rule."""
-    slices = max(1, min(B, -(-_BLOCKS_PER_SM * _sm_count() // max(C, 1))))
-    per_slice = max(1, -(-B // slices))
-    return max(1, -(-B // per_slice)), per_slice
+    """Batch slices of the strip backward (:func:`.._conv_common.batch_slices`)."""
+    return batch_slices(B, C, _sm_count())
 
 
 def _bwd(version, dout, cache):
@@ -446,16 +433,14 @@ def _bwd(version, dout, cache):
     db_arg = flat(dbias) if has_bias else dwf        # never written when has_bias == 0
     if version == "naive":
         dx = _correlate("naive", df, wf, None, 1, dims, dtype)
-        if C:                                        # (C = 0: nothing to sum, and no empty grid)
-            launch(_k(dtype, kh, kw, "dw_wgrad_naive"), (C, kk + 1), THREADS,
-                   xf, df, dwf, db_arg, _i(has_bias), _u(B), _u(C), _u(H), _u(W))
+        launch(_k(dtype, kh, kw, "dw_wgrad_naive"), (C, kk + 1), THREADS,      # C >= 1 (conv_dims)
+               xf, df, dwf, db_arg, _i(has_bias), _u(B), _u(C), _u(H), _u(W))
     else:
         dx = _empty((B, C, H, W), dtype)
         nq = (W + STRIP - 1) // STRIP
         pf = flat(small[C * kk + C:])
-        if C:
-            launch(_k(dtype, kh, kw, "dw_bwd_strip"), (C, slices), THREADS,
-                   xf, df, wf, flat(dx), pf, _u(B), _u(C), _u(H), _u(W), _u(nq), _u(per_slice))
+        launch(_k(dtype, kh, kw, "dw_bwd_strip"), (C, slices), THREADS,
+               xf, df, wf, flat(dx), pf, _u(B), _u(C), _u(H), _u(W), _u(nq), _u(per_slice))
         launch(_k(dtype, kh, kw, "dw_bwd_finish"), _blocks(C * (kk + 1), THREADS), THREADS,
                pf, dwf, db_arg, _i(has_bias), _u(slices), _u(C))
     return {"x": _wrap(dx, like_cupy), "weight": _wrap(dweight, like_cupy),
