@@ -187,7 +187,10 @@ def main():
                     torch.cuda.synchronize()
             print(f"\n# profile: sparx_mamba_t forward+backward, batch 64, {backend}")
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
-            gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+            print("\n# the same step's host side: the 15 ops taking the most CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+            gpu_ms = sum(e.self_device_time_total for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
             wall = []
             for _ in range(4):   # the same step without the profiler: is it host-bound?
                 torch.cuda.synchronize()
