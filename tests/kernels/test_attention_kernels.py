@@ -25,6 +25,8 @@ from sparx_ref.kernels import registry
 from sparx_ref.ref import window_attention as ref_wa
 from sparx_ref.testing import assert_close, assert_close_scaled
 
+from ._devices import NaNDevice, ladder_params
+
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 BACKENDS = ("numba_cuda", "cupy")
 WINDOW_OPS = ("window_attention_fwd", "window_attention_bwd")
@@ -53,33 +55,14 @@ def _require(backend):
 
 def _versions(ops):
     """(backend, version) pairs: the fwd and bwd ladders have the same rung names."""
-    out = []
-    for backend in BACKENDS:
-        fwd = registry.versions(ops[0], backend)
-        assert fwd == registry.versions(ops[1], backend), f"{backend}: fwd/bwd ladders differ"
-        out += [pytest.param(backend, v, id=f"{backend}-{v}") for v in fwd]
-    return out
+    return ladder_params(ops, BACKENDS)
 
 
-class _Device:
-    """Moves arrays to the backend's device, with NaN-poisoned allocations inside kernels."""
+class _Device(NaNDevice):
+    """The attention module of ``backend`` with NaN-poisoned allocations inside kernels."""
 
     def __init__(self, backend, monkeypatch):
-        self.backend = backend
-        mod = _module(backend)
-        if backend == "cupy":
-            import cupy
-            self.put = cupy.asarray
-
-            def nan_empty(shape, dtype):
-                return cupy.full(tuple(int(s) for s in shape), np.nan, dtype=dtype)
-        else:
-            from numba import cuda
-            self.put = cuda.to_device
-
-            def nan_empty(shape, dtype):
-                return cuda.to_device(np.full(tuple(int(s) for s in shape), np.nan, dtype=dtype))
-        monkeypatch.setattr(mod, "_empty", nan_empty)
+        super().__init__(backend, _module(backend), monkeypatch)
 
 
 @pytest.fixture

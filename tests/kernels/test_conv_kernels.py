@@ -28,6 +28,8 @@ from sparx_ref.kernels import registry
 from sparx_ref.ref import layers as ref_layers
 from sparx_ref.testing import assert_close, assert_close_scaled
 
+from ._devices import NaNDevice, ladder_params
+
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 BACKENDS = ("numba_cuda", "cupy")
 OPS = ("depthwise_conv2d_fwd", "depthwise_conv2d_bwd")
@@ -39,36 +41,17 @@ def _module(backend):
 
 
 def _versions():
-    out = []
-    for backend in BACKENDS:
-        fwd = registry.versions(OPS[0], backend)
-        assert fwd == registry.versions(OPS[1], backend), f"{backend}: fwd/bwd ladders differ"
-        out += [pytest.param(backend, v, id=f"{backend}-{v}") for v in fwd]
-    return out
+    return ladder_params(OPS, BACKENDS)
 
 
-class _Device:
-    """Moves arrays to the backend's device; the module's allocations come NaN-filled."""
+class _Device(NaNDevice):
+    """The conv module of ``backend`` with NaN-filled allocations (skips without the runtime)."""
 
     def __init__(self, backend, monkeypatch):
         missing = registry.runtime_missing(backend)
         if missing:
             pytest.skip(missing)
-        self.backend = backend
-        self.mod = _module(backend)
-        if backend == "cupy":
-            import cupy
-            self.put = cupy.asarray
-
-            def nan_empty(shape, dtype):
-                return cupy.full(tuple(int(s) for s in shape), np.nan, dtype=dtype)
-        else:
-            from numba import cuda
-            self.put = cuda.to_device
-
-            def nan_empty(shape, dtype):
-                return cuda.to_device(np.full(tuple(int(s) for s in shape), np.nan, dtype=dtype))
-        monkeypatch.setattr(self.mod, "_empty", nan_empty)
+        super().__init__(backend, _module(backend), monkeypatch)
 
     def kernels(self, version):
         """(forward, backward) of ``version``, looked up through the registry."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -122,6 +121,23 @@ def as_leaves(args, dtype):
             for a in args]
 
 
+def as_function_of_leaves(op, args, kwargs, backend):
+    """(f, leaves): f(*leaves) = the differentiable output of ``ops.<op>`` on ``backend`` with
+    the tensor arguments that require grad replaced by f's arguments (for gradcheck)."""
+    where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def f(*xs):
+        full = list(args)
+        for i, x in zip(where, xs):
+            full[i] = x
+        return first(run(op, full, kwargs, backend))
+    return f, [args[i] for i in where]
+
+
+def gradcheck_float64(f, leaves):
+    return torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
 def compare_with_torch(op, args, kwargs, backend, rng, kind):
     """``backend`` on ``args`` vs the torch form on the same values in float64: outputs, maps
     and every input gradient, each within tolerance(dtype of args, kind)."""
@@ -180,16 +196,7 @@ def test_torch_backend_is_plain_autograd(rng):
 @pytest.mark.parametrize("op", OPS)
 def test_functions_gradcheck_with_oracle_kernels(op, rng, oracle_backend):
     args, kw = op_inputs(op, rng, tiny=True)
-    leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def f(*xs):
-        full = list(args)
-        for i, x in zip(leaves, xs):
-            full[i] = x
-        return first(run(op, full, kw, oracle_backend))
-
-    assert torch.autograd.gradcheck(f, [args[i] for i in leaves], eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=True)
+    assert gradcheck_float64(*as_function_of_leaves(op, args, kw, oracle_backend))
     # the Function really ran (not the torch fallback)
     assert type(first(run(op, args, kw, oracle_backend)).grad_fn).__name__.endswith("FnBackward")
 
@@ -248,16 +255,7 @@ def test_numba_cpu_gradcheck_float64(op, rng):
     if op not in present("numba_cpu"):
         pytest.skip(f"no numba_cpu kernel registered for {op}")
     args, kw = op_inputs(op, rng, tiny=True)
-    leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def f(*xs):
-        full = list(args)
-        for i, x in zip(leaves, xs):
-            full[i] = x
-        return first(run(op, full, kw, "numba_cpu"))
-
-    assert torch.autograd.gradcheck(f, [args[i] for i in leaves], eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=True)
+    assert gradcheck_float64(*as_function_of_leaves(op, args, kw, "numba_cpu"))
 
 
 def test_numba_cpu_float32_matches_torch(rng):
@@ -298,23 +296,15 @@ def test_gpu_functions_gradcheck_float64(backend, op, rng):
     if op not in present(backend) or ops._cudasim():
         pytest.skip(f"no usable {backend} kernel for {op}")
     args, kw = op_inputs(op, rng, device="cuda", tiny=True)
-    leaves = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def f(*xs):
-        full = list(args)
-        for i, x in zip(leaves, xs):
-            full[i] = x
-        return first(run(op, full, kw, backend))
-
+    f, leaves = as_function_of_leaves(op, args, kw, backend)
     try:
-        f(*[args[i] for i in leaves])
+        f(*leaves)
     except TypeError as err:
         if "float32" not in str(err):
             raise
         pytest.skip(f"{backend} {op} kernels are float32 only ({err})")
-    assert torch.autograd.gradcheck(f, [args[i] for i in leaves], eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=True)
-    assert type(first(f(*[args[i] for i in leaves])).grad_fn).__name__.endswith("FnBackward")
+    assert gradcheck_float64(f, leaves)
+    assert type(f(*leaves).grad_fn).__name__.endswith("FnBackward")
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
