@@ -85,6 +85,9 @@ class TorchKernels:
     cross_scan: Callable
     cross_merge: Callable
     channel_attention: Callable
+    # cross_merge(selective_scan(xs)) in one call from the map itself (kernel backends: the fused
+    # 2-D scan); None: the two calls (the torch form, the released code's order of operations)
+    ss2d_scan: Callable | None = None
 
 
 KERNEL_BACKENDS = {

@@ -713,7 +713,8 @@ def kernel_table(backend: str):
 
     return TorchKernels(backend, functools.partial(selective_scan, backend=backend),
                         functools.partial(cross_scan, backend=backend),
-                        functools.partial(cross_merge, backend=backend), channel_attention)
+                        functools.partial(cross_merge, backend=backend), channel_attention,
+                        functools.partial(ss2d_scan, backend=backend))
 
 
 def set_kernel_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:

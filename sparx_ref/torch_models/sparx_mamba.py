@@ -104,10 +104,13 @@ class SparXSS2D(nn.Module):
         x_dbl = torch.matmul(x_proj, xs)                                         # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts).reshape(B, K * D, L)       # (B, K*Di, L)
-        ys = self.kernels.selective_scan(
-            xs.reshape(B, K * D, L), dts, -torch.exp(self.A_logs), Bs.contiguous(),
-            Cs.contiguous(), self.Ds, self.dt_projs_bias.reshape(-1), delta_softplus=True)
-        y = self.kernels.cross_merge(ys.reshape(B, K, D, L), H, W)             # (B, Di, H, W)
+        scan_args = (dts, -torch.exp(self.A_logs), Bs.contiguous(), Cs.contiguous(), self.Ds,
+                     self.dt_projs_bias.reshape(-1))
+        if self.kernels.ss2d_scan is not None:   # kernel backends: scan + merge fused, from u
+            y = self.kernels.ss2d_scan(u, *scan_args, delta_softplus=True)      # (B, Di, H, W)
+        else:
+            ys = self.kernels.selective_scan(xs.reshape(B, K * D, L), *scan_args, delta_softplus=True)
+            y = self.kernels.cross_merge(ys.reshape(B, K, D, L), H, W)         # (B, Di, H, W)
         return self.out_norm(y)
 
     def forward(self, x, shortcut=None, record=False):
