@@ -2,7 +2,8 @@
 
 The depthwise convolutions of SparX-Mamba-T at batch 64, float32, one per distinct shape the
 model meets (found by running the twin once on the CPU and recording every
-:class:`~sparx_ref.torch_models.common.DepthwiseConv2d` and LayerScale input), each timed:
+:class:`~sparx_ref.torch_models.common.DepthwiseConv2d` and LayerScale input; the twin runs its
+LayerScales, the 1x1 rows, through PyTorch on every backend), each timed:
 
 - forward: ``out = conv(x, weight, bias)``;
 - forward+backward: the forward, then dx, dweight, dbias for a given dout;

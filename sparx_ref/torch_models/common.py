@@ -146,9 +146,9 @@ class DepthwiseConv2d(nn.Conv2d):
 
 class LayerScale(nn.Module):
     """Per-channel ``w * x + b`` as a depthwise 1x1 conv; weight (C, 1, 1, 1), bias (C,).
-    Runs on the model's kernel backend like :class:`DepthwiseConv2d`."""
-
-    kernel_backend = "torch"
+    PyTorch's own convolution on every kernel backend: the GPU work is a few microseconds at the
+    stages that have LayerScale, and PyTorch issues it with a fraction of the host time of an
+    autograd Function (benchmarks/RESULTS.md, "Depthwise convolution kernels")."""
 
     def __init__(self, dim, init_value=1.0):
         super().__init__()
@@ -156,9 +156,7 @@ class LayerScale(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        if self.kernel_backend == "torch":
-            return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
-        return _depthwise_on_backend(x, self.weight, self.bias, self.kernel_backend)
+        return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
 
 
 class DropPath(nn.Module):

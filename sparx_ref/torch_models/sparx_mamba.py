@@ -194,7 +194,7 @@ class SparXMamba(nn.Module):
         self.classifier = nn.Sequential(GroupNorm1(self.num_features), nn.AdaptiveAvgPool2d(1),
                                         nn.Flatten(1), nn.Linear(self.num_features, self.num_classes))
         self.apply(released_init_)
-        if kernel_backend != "torch":   # the depthwise convs and LayerScales too
+        if kernel_backend != "torch":   # the depthwise convs too
             from .ops import set_kernel_backend
             set_kernel_backend(self, kernel_backend)
         self.record = False
