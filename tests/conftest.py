@@ -7,7 +7,6 @@ import os
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-import sys  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -35,19 +34,3 @@ def rng(request) -> np.random.Generator:
     """A fresh generator per test, seeded from the test's name (reproducible, not zeros)."""
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _quick_simulated_barriers():
-    """Under the CUDA simulator: every simulated thread is a Python thread, and at each block
-    barrier a woken thread may wait a whole interpreter switch interval (5 ms) for the GIL.
-    A shorter interval while the tests run: the same kernels and results, several times less
-    waiting (tests/kernels/test_conv_kernels.py: ~30 s -> ~8 s)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0"):
-        yield
-        return
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
-
