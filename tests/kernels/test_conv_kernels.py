@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -56,20 +55,6 @@ class _Device(NaNDevice):
     def kernels(self, version):
         """(forward, backward) of ``version``, looked up through the registry."""
         return tuple(registry.get(op, self.backend, version) for op in OPS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quick_simulated_barriers():
-    """Simulator only: its block manager polls the simulated threads in a loop that holds the GIL,
-    so at every barrier each woken thread may wait a whole switch interval (5 ms) for it. A
-    shorter interval while this file runs: the same kernels and results, about 4x less time."""
-    if not SIM:
-        yield
-        return
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 @pytest.fixture
