@@ -33,7 +33,8 @@ def count_calls():
     from sparx_ref.torch_models import ops
     counts = collections.Counter()
     for name in ("SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
-                 "DMCAAttentionFn", "DepthwiseConv2dFn"):
+                 "DMCAAttentionFn", "DepthwiseConv2dFn", "PlannedSS2DScanFn", "PlannedDMCAAttentionFn",
+                 "PlannedDepthwiseConv2dFn", "PlannedCrossScanFn", "PlannedCrossMergeFn"):
         fn = getattr(ops, name)
         original = fn.apply
 

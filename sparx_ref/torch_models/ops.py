@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels as _kernels
+from .._validate import check_shape
 from ..kernels import KernelUnavailable
 from .common import (channel_attention_torch, cross_merge_torch, cross_scan_torch,
                      selective_scan_torch)
@@ -469,6 +470,59 @@ def share_torch_memory_with_numba() -> bool:
     return _NUMBA_SHARED["ok"]
 
 
+# --- CuPy launch plans run on tensors -----------------------------------------------------
+# A CuPy kernel whose wrapper carries ``.plan`` (sparx_ref.kernels.cupy._plan) is replayed from
+# shapes: the plan's buffers are torch tensors and its pointer arguments their data_ptr(), with
+# no CuPy array built. This takes a call's host time from hundreds of microseconds to tens (a
+# SparX-Mamba-T training step makes ~140 of these calls; benchmarks/diag_function_host.py).
+def _planner(op: str, backend: str, which: int):
+    """The plan builder of ``op``'s registered kernel (0 forward, 1 backward) or None."""
+    if backend != "cupy":
+        return None
+    return getattr(_kernel(op, backend, which), "plan", None)
+
+
+def uses_plans(op: str, backend: str) -> bool:
+    """True if ``op`` runs on ``backend`` through launch plans replayed on tensors."""
+    if not uses_kernel(op, backend):
+        return False
+    return _cached(("plans", op, backend),
+                   lambda: _planner(op, backend, 0) is not None and _planner(op, backend, 1) is not None)
+
+
+def _run_plan(plan, device: torch.device, **given):
+    """Run a CuPy plan with tensors: the given inputs (contiguous, on ``device``) and new buffers
+    from PyTorch's caching allocator, on PyTorch's current stream. Returns every buffer by name."""
+    from ..kernels.cupy import _plan as plans
+    dtype = _TORCH_DTYPE[plan.dtype]
+
+    def empty(shape, _dtype):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def zeros(shape, _dtype):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    stream = _cupy_stream(device.index)
+    if stream is _NO_CONTEXT and _cupy_device() == device.index:
+        return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr)
+    import cupy
+    with cupy.cuda.Device(device.index), stream:
+        return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr)
+
+
+def _cupy_device() -> int:
+    import cupy
+    return cupy.cuda.runtime.getDevice()
+
+
+def _aligned(*tensors) -> bool:
+    """Every given tensor's data starts on a 16-byte boundary (vector loads allowed)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors if t is not None)
+
+
+def _contiguous(*tensors):
+    return tuple(None if t is None else t.detach().contiguous() for t in tensors)
+
+
 def _call_fwd(ctx, op, backend, device, args, kwargs):
     """Run the forward kernel; keep what backward needs on ctx; return its output tensor(s)."""
     rt = _Runtime(backend, device)
@@ -623,6 +677,134 @@ class DepthwiseConv2dFn(torch.autograd.Function):
         return _input_grads(ctx, _call_bwd(ctx, dout), ("x", "weight", "bias"), leading=1)
 
 
+class PlannedDepthwiseConv2dFn(torch.autograd.Function):
+    """The depthwise convolution on CuPy through launch plans (:func:`_run_plan`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        from ..kernels._conv_common import conv_dims
+        device = _check_tensors("depthwise_conv2d", "cupy", dict(x=x, weight=weight, bias=bias))
+        x, weight, bias = _contiguous(x, weight, bias)
+        dims = conv_dims(x, weight, bias, check_shape)
+        plan = _planner("depthwise_conv2d", "cupy", 0)(dims, _NUMPY_DTYPE[x.dtype], bias is not None)
+        out = _run_plan(plan, device, x=x, weight=weight, bias=bias)["out"]
+        ctx.save_for_backward(x, weight)
+        ctx.dims, ctx.has_bias = dims, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        plan = _planner("depthwise_conv2d", "cupy", 1)(ctx.dims, _NUMPY_DTYPE[x.dtype], ctx.has_bias)
+        g = _run_plan(plan, x.device, x=x, weight=weight, dout=dout.contiguous())
+        return tuple(g.get(name) if need else None
+                     for name, need in zip(("dx", "dweight", "dbias"), ctx.needs_input_grad))
+
+
+class PlannedCrossScanFn(torch.autograd.Function):
+    """cross_scan on CuPy through launch plans; backward = the cross_merge plan (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        device = _check_tensors("cross_scan", "cupy", dict(x=x))
+        if x.dim() != 4:
+            raise ValueError(f"cross_scan: x must have 4 dimensions (B, C, H, W), got shape {tuple(x.shape)}")
+        (x,) = _contiguous(x)
+        ctx.dims = tuple(int(d) for d in x.shape)
+        return _run_plan(_planner("cross_scan", "cupy", 0)(ctx.dims), device, x=x)["xs"]
+
+    @staticmethod
+    def backward(ctx, dxs):
+        return _run_plan(_planner("cross_scan", "cupy", 1)(ctx.dims), dxs.device, ys=dxs.contiguous())["y"]
+
+
+class PlannedCrossMergeFn(torch.autograd.Function):
+    """cross_merge on CuPy through launch plans; backward = the cross_scan plan (its adjoint)."""
+
+    @staticmethod
+    def forward(ctx, ys, H, W):
+        from ..kernels._scan_common import check_merge_shapes
+        device = _check_tensors("cross_merge", "cupy", dict(ys=ys))
+        (ys,) = _contiguous(ys)
+        ctx.dims = check_merge_shapes(ys, H, W)
+        return _run_plan(_planner("cross_merge", "cupy", 0)(ctx.dims), device, ys=ys)["y"]
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _run_plan(_planner("cross_merge", "cupy", 1)(ctx.dims), dy.device, x=dy.contiguous())["xs"], None, None
+
+
+_SS2D_INPUTS = ("x", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+class PlannedSS2DScanFn(torch.autograd.Function):
+    """ss2d_scan on CuPy through launch plans; ``plan`` is the forward's (built by the caller,
+    who falls back to :class:`SS2DScanFn` where there is none)."""
+
+    @staticmethod
+    def forward(ctx, plan, delta_softplus, device, *tensors):
+        tensors = _contiguous(*tensors)
+        named = dict(zip(_SS2D_INPUTS, tensors))
+        y = _run_plan(plan, device, **named)["y"]
+        ctx.save_for_backward(*tensors)
+        ctx.delta_softplus = delta_softplus
+        ctx.dims = tuple(y.shape) + (int(named["A"].shape[1]),)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        tensors = ctx.saved_tensors
+        named = dict(zip(_SS2D_INPUTS, tensors))
+        plan = _planner("ss2d_scan", "cupy", 1)(ctx.dims, ctx.delta_softplus, named["D"] is not None,
+                                                named["delta_bias"] is not None,
+                                                _aligned(named["delta"], named["B"], named["C"]))
+        g = _run_plan(plan, named["x"].device, dy=dy.contiguous(), **named)
+        return (None, None, None) + tuple(g.get("d" + name) if need else None
+                                          for name, need in zip(_SS2D_INPUTS, ctx.needs_input_grad[3:]))
+
+
+class PlannedDMCAAttentionFn(torch.autograd.Function):
+    """DMCA channel attention on CuPy through launch plans -> (out, attn); attn has no gradient."""
+
+    @staticmethod
+    def forward(ctx, groups, q, k, v):
+        from ..kernels.cupy.attention import dmca_dims
+        device = _check_tensors("dmca_attention", "cupy", dict(q=q, k=k, v=v))
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 3:
+                raise ValueError(f"dmca_attention: {name} must have 3 dimensions, got shape {tuple(t.shape)}")
+        q, k, v = _contiguous(q, k, v)
+        dims = dmca_dims(q, k, v, groups)
+        plan = _planner("dmca_attention", "cupy", 0)(dims, int(groups), _NUMPY_DTYPE[q.dtype])
+        bufs = _run_plan(plan, device, q=q, k=k, v=v)
+        ctx.save_for_backward(q, k, v, bufs["attn"])
+        ctx.dims, ctx.groups = dims, int(groups)
+        ctx.mark_non_differentiable(bufs["attn"])
+        return bufs["out"], bufs["attn"]
+
+    @staticmethod
+    def backward(ctx, dout, _dattn):
+        q, k, v, attn = ctx.saved_tensors
+        plan = _planner("dmca_attention", "cupy", 1)(ctx.dims, ctx.groups, _NUMPY_DTYPE[q.dtype])
+        g = _run_plan(plan, q.device, q=q, k=k, v=v, attn=attn, dout=dout.contiguous())
+        return (None,) + tuple(g[name] if need else None
+                               for name, need in zip(("dq", "dk", "dv"), ctx.needs_input_grad[1:]))
+
+
+def _planned_ss2d_scan(x, delta, A, B, C, D, delta_bias, delta_softplus):
+    """ss2d_scan through plans, or None where the forward has no plan for these shapes."""
+    from ..kernels._scan_common import ss2d_shapes
+    device = _check_tensors("ss2d_scan", "cupy", dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias))
+    # contiguous, still tracked by autograd (a no-op for the usual contiguous inputs)
+    tensors = tuple(None if t is None else t.contiguous() for t in (x, delta, A, B, C, D, delta_bias))
+    batch, Di, H, W, N, _ = ss2d_shapes(*tensors, allowed=(np.float32,), backend="cupy")
+    plan = _planner("ss2d_scan", "cupy", 0)((batch, Di, H, W, N), delta_softplus, D is not None,
+                                            delta_bias is not None, _aligned(*tensors[:2], *tensors[3:5]))
+    if plan is None:
+        return None
+    return PlannedSS2DScanFn.apply(plan, bool(delta_softplus), device, *tensors)
+
+
 # =========================================================================================
 # the entry points
 # =========================================================================================
@@ -638,6 +820,8 @@ def cross_scan(x, *, backend="torch"):
     """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
     if not uses_kernel("cross_scan", backend):
         return cross_scan_torch(x)
+    if uses_plans("cross_scan", backend):
+        return PlannedCrossScanFn.apply(x)
     return CrossScanFn.apply(backend, x)
 
 
@@ -645,6 +829,8 @@ def cross_merge(ys, H, W, *, backend="torch"):
     """(B, 4, C, H*W) -> (B, C, H, W), the adjoint of :func:`cross_scan`."""
     if not uses_kernel("cross_merge", backend):
         return cross_merge_torch(ys, H, W)
+    if uses_plans("cross_merge", backend):
+        return PlannedCrossMergeFn.apply(ys, H, W)
     return CrossMergeFn.apply(backend, ys, H, W)
 
 
@@ -652,6 +838,10 @@ def ss2d_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, 
     """cross_merge(selective_scan(cross_scan(x), ...)) in one call: (b, Di, H, W)."""
     if not uses_kernel("ss2d_scan", backend):
         return ss2d_scan_torch(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    if uses_plans("ss2d_scan", backend):
+        y = _planned_ss2d_scan(x, delta, A, B, C, D, delta_bias, delta_softplus)
+        if y is not None:
+            return y
     return SS2DScanFn.apply(backend, delta_softplus, x, delta, A, B, C, D, delta_bias)
 
 
@@ -674,6 +864,8 @@ def dmca_attention(q, k, v, groups=4, *, backend="torch"):
     """DMCA channel attention -> (out (B, C, L), attn (B, groups, g, g))."""
     if not uses_kernel("dmca_attention", backend):
         return dmca_attention_torch(q, k, v, groups)
+    if uses_plans("dmca_attention", backend):
+        return PlannedDMCAAttentionFn.apply(groups, q, k, v)
     return DMCAAttentionFn.apply(backend, int(groups), q, k, v)
 
 
@@ -691,6 +883,8 @@ def depthwise_conv2d(x, weight, bias=None, *, backend="torch"):
                          f"got {tuple(weight.shape[2:])}")
     if not uses_kernel("depthwise_conv2d", backend):
         return depthwise_conv2d_torch(x, weight, bias)
+    if uses_plans("depthwise_conv2d", backend):
+        return PlannedDepthwiseConv2dFn.apply(x, weight, bias)
     return DepthwiseConv2dFn.apply(backend, x, weight, bias)
 
 
@@ -729,5 +923,7 @@ __all__ = ["BACKENDS", "KERNEL_OPS", "check_backend", "uses_kernel", "describe",
            "cross_scan", "cross_merge", "ss2d_scan", "window_attention", "dmca_attention", "depthwise_conv2d",
            "kernel_table", "set_kernel_backend", "share_torch_memory_with_numba",
            "SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
-           "DMCAAttentionFn", "DepthwiseConv2dFn", "window_attention_torch", "dmca_attention_torch",
+           "DMCAAttentionFn", "DepthwiseConv2dFn", "PlannedDepthwiseConv2dFn", "PlannedSS2DScanFn",
+           "PlannedCrossScanFn", "PlannedCrossMergeFn",
+           "PlannedDMCAAttentionFn", "uses_plans", "window_attention_torch", "dmca_attention_torch",
            "depthwise_conv2d_torch", "ss2d_scan_torch"]

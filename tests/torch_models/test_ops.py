@@ -311,22 +311,38 @@ def test_gpu_functions_gradcheck_float64(backend, op, rng):
 def test_cupy_results_are_views_of_torch_memory_that_outlive_the_call(rng):
     """The CuPy bridge: inputs are viewed in place, results are views of tensors from PyTorch's
     allocator, and they stay valid (and unshared) after CuPy lets go and PyTorch reallocates."""
-    if "depthwise_conv2d" not in present("cupy"):
-        pytest.skip("cupy not usable here")
+    if "selective_scan" not in present("cupy") or ops.uses_plans("selective_scan", "cupy"):
+        pytest.skip("cupy not usable here, or selective_scan no longer goes through the bridge")
     import cupy
     x = torch.randn(2, 8, 9, 9, device="cuda")
     rt = ops._Runtime("cupy", x.device)
     view = rt.wrap(x)
     assert isinstance(view, cupy.ndarray) and view.data.ptr == x.data_ptr()
-    w, b = torch.randn(8, 1, 3, 3, device="cuda"), torch.randn(8, device="cuda")
-    outs = [ops.depthwise_conv2d(x, w, b, backend="cupy") for _ in range(3)]
-    ref = ops.depthwise_conv2d(x, w, b)
+    args, kw = op_inputs("selective_scan", rng, device="cuda", dtype=torch.float32)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    outs = [ops.selective_scan(*args, **kw, backend="cupy") for _ in range(3)]
+    ref = ops.selective_scan(*args, **kw)
     assert len({o.data_ptr() for o in outs}) == 3
     assert not ops._CUPY_BLOCKS, "CuPy's arrays are gone, so no block may stay registered"
-    churn = [torch.full((2, 8, 9, 9), float("nan"), device="cuda") for _ in range(8)]   # reuse freed memory
+    churn = [torch.full(ref.shape, float("nan"), device="cuda") for _ in range(8)]   # reuse freed memory
     for o in outs:
         assert_close(o, ref, "float32", "kernel", "result after reallocation")
     del churn
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@pytest.mark.parametrize("op", ["depthwise_conv2d", "ss2d_scan", "dmca_attention", "cross_scan", "cross_merge"])
+def test_cupy_twin_ops_run_launch_plans(op, rng):
+    """The ops a SparX-Mamba step calls ~140 times replay CuPy launch plans on tensors (no CuPy
+    arrays, tens of microseconds of host time): their autograd node is a Planned Function and
+    nothing went through the CuPy-array bridge."""
+    if op not in present("cupy"):
+        pytest.skip("cupy not usable here")
+    assert ops.uses_plans(op, "cupy")
+    args, kw = op_inputs(op, rng, device="cuda", dtype=torch.float32)
+    out = first(run(op, as_leaves(args, torch.float32), kw, "cupy"))
+    assert type(out.grad_fn).__name__.startswith("Planned"), type(out.grad_fn).__name__
+    assert not ops._CUPY_BLOCKS
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")

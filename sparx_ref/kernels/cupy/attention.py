@@ -43,9 +43,12 @@ DMCA attention (per image ``b`` and group: ``P = softmax(q_g k_g^T / sqrt(Ls))``
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
+
+from ._plan import Launch, Plan, replayable, run_on_cupy
 
 __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
@@ -1028,36 +1031,54 @@ def _sc(dtype, value):
     return np.dtype(dtype).type(value)
 
 
-def _bmm(version, A, B, C, batch, M, N, K, sA, sB, alpha):
-    """C (batch, M, N) = alpha * A @ B with element strides sA = (b, m, k), sB = (b, k, n)."""
-    dt = C.dtype
+def _bmm_launch(version, dtype, A, B, C, batch, M, N, K, sA, sB, alpha):
+    """The launch of C (batch, M, N) = alpha * A @ B, element strides sA = (b, m, k), sB = (b, k, n);
+    A, B, C are buffer names (:mod:`._plan`)."""
     args = (A, B, C, np.int32(batch), np.int32(M), np.int32(N), np.int32(K),
             np.int64(sA[0]), np.int64(sA[1]), np.int64(sA[2]),
-            np.int64(sB[0]), np.int64(sB[1]), np.int64(sB[2]), _sc(dt, alpha))
+            np.int64(sB[0]), np.int64(sB[1]), np.int64(sB[2]), _sc(dtype, alpha))
     if version == "naive":
-        _fn(dt, "bmm_naive")(_blocks(batch * M * N), (_THREADS,), args)
-    else:
-        grid = ((N + _TILE - 1) // _TILE, (M + _TILE - 1) // _TILE, batch)
-        _fn(dt, "bmm_tiled")(grid, ((_TILE // 4) ** 2,), args)
+        return Launch(_fn(dtype, "bmm_naive"), _blocks(batch * M * N), (_THREADS,), args)
+    grid = ((N + _TILE - 1) // _TILE, (M + _TILE - 1) // _TILE, batch)
+    return Launch(_fn(dtype, "bmm_tiled"), grid, ((_TILE // 4) ** 2,), args)
+
+
+def _run(launch, dtype, **arrays):
+    """Make one launch on CuPy arrays (the buffer names of ``launch`` are the keywords)."""
+    run_on_cupy(Plan(np.dtype(dtype), (), (launch,)), arrays, _empty)
+
+
+def _bmm(version, A, B, C, batch, M, N, K, sA, sB, alpha):
+    """C (batch, M, N) = alpha * A @ B with element strides sA = (b, m, k), sB = (b, k, n)."""
+    _run(_bmm_launch(version, C.dtype, "A", "B", "C", batch, M, N, K, sA, sB, alpha), C.dtype, A=A, B=B, C=C)
+
+
+def _softmax_launch(version, dtype, S, rows, N, bias=None, mask=None, nH=1, nW=1):
+    """The launch of the in-place row softmax of buffer S (+ bias, + mask: buffer names or None)."""
+    args = (S, S if bias is None else bias, S if mask is None else mask,   # S: never read as bias/mask
+            np.int64(rows), np.int32(N), np.int32(nH), np.int32(nW), np.int32(bias is not None),
+            np.int32(mask is not None))
+    if version == "naive":
+        return Launch(_fn(dtype, "softmax_rows_naive"), _blocks(rows), (_THREADS,), args)
+    return Launch(_fn(dtype, "softmax_rows_warp"), _blocks(rows * 32), (_THREADS,), args)
 
 
 def _softmax_rows(version, S, rows, N, bias=None, mask=None, nH=1, nW=1):
-    dt = S.dtype
-    dummy = _empty((1,), dt)
-    args = (S, dummy if bias is None else bias, dummy if mask is None else mask, np.int64(rows), np.int32(N),
-            np.int32(nH), np.int32(nW), np.int32(bias is not None), np.int32(mask is not None))
+    launch = _softmax_launch(version, S.dtype, "S", rows, N, None if bias is None else "bias",
+                             None if mask is None else "mask", nH, nW)
+    _run(launch, S.dtype, S=S, bias=bias, mask=mask)
+
+
+def _softmax_bwd_launch(version, dtype, P, dP, rows, N):
+    """The launch of dP <- dS = P * (dP - rowsum(P * dP)) in place (P, dP buffer names)."""
+    args = (P, dP, np.int64(rows), np.int32(N))
     if version == "naive":
-        _fn(dt, "softmax_rows_naive")(_blocks(rows), (_THREADS,), args)
-    else:
-        _fn(dt, "softmax_rows_warp")(_blocks(rows * 32), (_THREADS,), args)
+        return Launch(_fn(dtype, "softmax_bwd_rows_naive"), _blocks(rows), (_THREADS,), args)
+    return Launch(_fn(dtype, "softmax_bwd_rows_warp"), _blocks(rows * 32), (_THREADS,), args)
 
 
 def _softmax_bwd_rows(version, P, dP, rows, N):
-    args = (P, dP, np.int64(rows), np.int32(N))
-    if version == "naive":
-        _fn(P.dtype, "softmax_bwd_rows_naive")(_blocks(rows), (_THREADS,), args)
-    else:
-        _fn(P.dtype, "softmax_bwd_rows_warp")(_blocks(rows * 32), (_THREADS,), args)
+    _run(_softmax_bwd_launch(version, P.dtype, "P", "dP", rows, N), P.dtype, P=P, dP=dP)
 
 
 def _sum_leading(X, nb, inner, out):
@@ -1227,12 +1248,10 @@ def window_attention_bwd(dout, cache):
 # --------------------------------------------------------------------------------------
 # DMCA channel attention
 # --------------------------------------------------------------------------------------
-def _dmca_inputs(q, k, v, groups):
-    q = _device("q", q, 3)
-    k = _device("k", k, 3)
-    v = _device("v", v, 3)
-    _same_dtype(q=q, k=k, v=v)
-    B, C, Ls = q.shape
+def dmca_dims(q, k, v, groups):
+    """(B, C, Ls, L) of DMCA inputs q, k (B, C, Ls), v (B, C, L) of rank 3 (any array type: only
+    the shapes are read), after checking them and that ``groups`` is a positive int dividing C."""
+    B, C, Ls = (int(d) for d in q.shape)
     _shape("k", k, (B, C, Ls))
     if v.shape[0] != B or v.shape[1] != C:
         raise ValueError(f"v must have shape ({B}, {C}, L), got {tuple(v.shape)}")
@@ -1240,23 +1259,60 @@ def _dmca_inputs(q, k, v, groups):
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if C % groups:
         raise ValueError(f"C (q.shape[1])={C} must be divisible by groups={groups}")
-    return q, k, v, int(groups), (B, C, Ls, v.shape[2])
+    return B, C, Ls, int(v.shape[2])
+
+
+def _dmca_inputs(q, k, v, groups):
+    q = _device("q", q, 3)
+    k = _device("k", k, 3)
+    v = _device("v", v, 3)
+    _same_dtype(q=q, k=k, v=v)
+    dims = dmca_dims(q, k, v, groups)
+    return q, k, v, int(groups), dims
+
+
+@functools.lru_cache(maxsize=None)
+def dmca_fwd_plan(version, dims, groups, dtype):
+    """The :class:`._plan.Plan` of a forward: dims = (B, C, Ls, L); inputs "q", "k" (B, C, Ls),
+    "v" (B, C, L); output buffers "attn" (B, groups, g, g) and "out" (B, C, L)."""
+    B, C, Ls, L = dims
+    G, dtype = int(groups), np.dtype(dtype)
+    g, BG = C // G, B * G
+    alpha = 1.0 / math.sqrt(Ls)
+    launches = (
+        # scores(i, j) = sum_s q[i, s] k[j, s] / sqrt(Ls) per (image, group)
+        _bmm_launch(version, dtype, "q", "k", "attn", BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha),
+        _softmax_launch(version, dtype, "attn", BG * g, g),
+        # out(i, l) = sum_j P[i, j] v[j, l]
+        _bmm_launch(version, dtype, "attn", "v", "out", BG, g, L, g, (g * g, g, 1), (g * L, L, 1), 1.0))
+    return Plan(dtype, (("attn", (B, G, g, g)), ("out", (B, C, L))), launches)
+
+
+@functools.lru_cache(maxsize=None)
+def dmca_bwd_plan(version, dims, groups, dtype):
+    """The plan of a backward: inputs "q", "k", "v", "attn" (the forward's) and "dout" (B, C, L);
+    output buffers "dq", "dk" (B, C, Ls), "dv" (B, C, L), scratch "dS" (B, groups, g, g)."""
+    B, C, Ls, L = dims
+    G, dtype = int(groups), np.dtype(dtype)
+    g, BG = C // G, B * G
+    alpha = 1.0 / math.sqrt(Ls)
+    launches = (
+        # dv(j, l) = sum_i P[i, j] dout[i, l]
+        _bmm_launch(version, dtype, "attn", "dout", "dv", BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0),
+        # dP(i, j) = sum_l dout[i, l] v[j, l], then dS in place
+        _bmm_launch(version, dtype, "dout", "v", "dS", BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0),
+        _softmax_bwd_launch(version, dtype, "attn", "dS", BG * g, g),
+        # dq = dS k / sqrt(Ls) ; dk = dS^T q / sqrt(Ls)
+        _bmm_launch(version, dtype, "dS", "k", "dq", BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha),
+        _bmm_launch(version, dtype, "dS", "q", "dk", BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha))
+    return Plan(dtype, (("dq", (B, C, Ls)), ("dk", (B, C, Ls)), ("dv", (B, C, L)), ("dS", (B, G, g, g))),
+                launches)
 
 
 def _dmca_fwd(version, q, k, v, groups):
-    q, k, v, G, (B, C, Ls, L) = _dmca_inputs(q, k, v, groups)
-    g = C // G
-    BG = B * G
-    dt = q.dtype
-    attn = _empty((B, G, g, g), dt)
-    out = _empty((B, C, L), dt)
-    alpha = 1.0 / math.sqrt(Ls)
-    # scores(i, j) = sum_s q[i, s] k[j, s] / sqrt(Ls) per (image, group)
-    _bmm(version, q, k, attn, BG, g, g, Ls, (g * Ls, Ls, 1), (g * Ls, 1, Ls), alpha)
-    _softmax_rows(version, attn, BG * g, g)
-    # out(i, l) = sum_j P[i, j] v[j, l]
-    _bmm(version, attn, v, out, BG, g, L, g, (g * g, g, 1), (g * L, L, 1), 1.0)
-    return out, {"q": q, "k": k, "v": v, "attn": attn, "groups": G}
+    q, k, v, G, dims = _dmca_inputs(q, k, v, groups)
+    bufs = run_on_cupy(dmca_fwd_plan(version, dims, G, q.dtype), {"q": q, "k": k, "v": v}, _empty)
+    return bufs["out"], {"q": q, "k": k, "v": v, "attn": bufs["attn"], "groups": G}
 
 
 def _dmca_bwd(version, dout, cache):
@@ -1265,45 +1321,37 @@ def _dmca_bwd(version, dout, cache):
     if dout.dtype != q.dtype:
         raise TypeError(f"dout must have dtype {q.dtype} (like the forward inputs), got {dout.dtype}")
     _shape("dout", dout, v.shape)
-    B, C, Ls = q.shape
-    L = v.shape[2]
-    g = C // G
-    BG = B * G
-    dt = q.dtype
-    alpha = 1.0 / math.sqrt(Ls)
-    dq, dk, dv = _empty(q.shape, dt), _empty(k.shape, dt), _empty(v.shape, dt)
-    dS = _empty((B, G, g, g), dt)
-    # dv(j, l) = sum_i P[i, j] dout[i, l]
-    _bmm(version, attn, dout, dv, BG, g, L, g, (g * g, 1, g), (g * L, L, 1), 1.0)
-    # dP(i, j) = sum_l dout[i, l] v[j, l]
-    _bmm(version, dout, v, dS, BG, g, g, L, (g * L, L, 1), (g * L, 1, L), 1.0)
-    _softmax_bwd_rows(version, attn, dS, BG * g, g)
-    # dq = dS k / sqrt(Ls) ; dk = dS^T q / sqrt(Ls)
-    _bmm(version, dS, k, dq, BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha)
-    _bmm(version, dS, q, dk, BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha)
-    return {"q": dq, "k": dk, "v": dv}
+    dims = tuple(q.shape) + (v.shape[2],)
+    bufs = run_on_cupy(dmca_bwd_plan(version, dims, G, q.dtype),
+                       {"q": q, "k": k, "v": v, "attn": attn, "dout": dout}, _empty)
+    return {"q": bufs["dq"], "k": bufs["dk"], "v": bufs["dv"]}
 
 
+@replayable(functools.partial(dmca_fwd_plan, "naive"))
 def dmca_attention_fwd_naive(q, k, v, groups=4):
     """Explicit form, one thread per output element."""
     return _dmca_fwd("naive", q, k, v, groups)
 
 
+@replayable(functools.partial(dmca_bwd_plan, "naive"))
 def dmca_attention_bwd_naive(dout, cache):
     """Explicit backward, one thread per gradient element."""
     return _dmca_bwd("naive", dout, cache)
 
 
+@replayable(functools.partial(dmca_fwd_plan, "tiled"))
 def dmca_attention_fwd_tiled(q, k, v, groups=4):
     """Shared-memory tiled GEMMs (64x64 tiles, 4x4 per thread), one warp per softmax row."""
     return _dmca_fwd("tiled", q, k, v, groups)
 
 
+@replayable(functools.partial(dmca_bwd_plan, "tiled"))
 def dmca_attention_bwd_tiled(dout, cache):
     """Tiled backward: dv = P^T dout, dP = dout v^T, dS, dq = dS k, dk = dS^T q."""
     return _dmca_bwd("tiled", dout, cache)
 
 
+@replayable(functools.partial(dmca_fwd_plan, "tiled"))
 def dmca_attention_fwd(q, k, v, groups=4):
     """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_fwd` on CuPy arrays.
 
@@ -1314,6 +1362,7 @@ def dmca_attention_fwd(q, k, v, groups=4):
     return dmca_attention_fwd_tiled(q, k, v, groups)
 
 
+@replayable(functools.partial(dmca_bwd_plan, "tiled"))
 def dmca_attention_bwd(dout, cache):
     """Mirrors :func:`sparx_ref.ref.dmca.dmca_attention_bwd`: ``{"q", "k", "v"}``. Default version: ``tiled``."""
     return dmca_attention_bwd_tiled(dout, cache)

@@ -32,9 +32,12 @@ output forward, 4*kh*kw per element backward (input and filter gradients).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .._conv_common import MAX_KERNEL, STRIP, THREADS, batch_slices, conv_dims
+from ._plan import Launch, Plan, replayable, run_on_cupy
 from .attention import _device, _same_dtype, _shape
 
 __all__ = ["depthwise_conv2d_fwd", "depthwise_conv2d_bwd", "depthwise_conv2d_fwd_naive",
@@ -326,31 +329,65 @@ def _check_inputs(x, weight, bias):
     return x, weight.reshape(C, kh * kw), bias, dtype, dims
 
 
-def _correlate(version, src, weight, bias, flip, dims, dtype):
-    """out = src correlated with each channel's filter (turned 180 degrees if flip) + bias."""
+def _correlate_launch(version, src, weight, bias, flip, out, dims, dtype):
+    """The launch of out = src correlated with each channel's filter (turned 180 degrees if
+    flip) + bias; the array arguments are buffer names (bias None: no bias)."""
     B, C, H, W, kh, kw = dims
-    out = _empty((B, C, H, W), dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else weight          # never read when has_bias == 0
-    if out.size == 0:                                # an empty batch: no (empty) grid to launch
-        return out
     if version == "naive":
         total = B * C * H * W
-        _kernel(dtype, kh, kw, "dw_fwd_naive")(_blocks(total), (_THREADS,), (
+        return Launch(_kernel(dtype, kh, kw, "dw_fwd_naive"), _blocks(total), (_THREADS,), (
             src, weight, bias_arg, _i(has_bias), _i(flip), out, _u(total), _u(C), _u(H), _u(W)))
+    nq = (W + STRIP - 1) // STRIP
+    items = B * C * H * nq
+    return Launch(_kernel(dtype, kh, kw, "dw_fwd_strip"), _blocks(items), (_THREADS,), (
+        src, weight, bias_arg, _i(has_bias), _i(flip), out, _u(items), _u(C), _u(H), _u(W), _u(nq)))
+
+
+@functools.lru_cache(maxsize=None)
+def fwd_plan(version, dims, dtype, has_bias):
+    """The :class:`._plan.Plan` of a forward: inputs "x" (B, C, H, W), "weight" (C, kh*kw) and,
+    if has_bias, "bias" (C,); output buffer "out" (B, C, H, W). dims = (B, C, H, W, kh, kw)."""
+    dtype = np.dtype(dtype)
+    B, C, H, W, kh, kw = dims
+    launches = () if B * H * W == 0 else (   # an empty map: no (empty) grid to launch
+        _correlate_launch(version, "x", "weight", "bias" if has_bias else None, 0, "out", dims, dtype),)
+    return Plan(dtype, (("out", (B, C, H, W)),), launches)
+
+
+@functools.lru_cache(maxsize=None)
+def bwd_plan(version, dims, dtype, has_bias):
+    """The plan of a backward: inputs "x", "weight" (as in :func:`fwd_plan`) and "dout"; output
+    buffers "dx" (B, C, H, W), "dweight" (C, 1, kh, kw) and, if has_bias, "dbias" (C,)."""
+    dtype = np.dtype(dtype)
+    B, C, H, W, kh, kw = dims
+    kk = kh * kw
+    db_arg = "dbias" if has_bias else "dweight"      # never written when has_bias == 0
+    buffers = [("dx", (B, C, H, W)), ("dweight", (C, 1, kh, kw))] + ([("dbias", (C,))] if has_bias else [])
+    if version == "naive":
+        launches = [] if B * H * W == 0 else [_correlate_launch("naive", "dout", "weight", None, 1, "dx", dims, dtype)]
+        launches.append(Launch(_kernel(dtype, kh, kw, "dw_wgrad_naive"), (C, kk + 1), (_THREADS,), (
+            "x", "dout", "dweight", db_arg, _i(has_bias), _u(B), _u(C), _u(H), _u(W))))
     else:
+        # one fused pass per (channel, batch slice) writes dx and the slice's partial filter and
+        # bias sums; the last launch adds the slices in order
+        slices, per_slice = _slices(B, C)
         nq = (W + STRIP - 1) // STRIP
-        items = B * C * H * nq
-        _kernel(dtype, kh, kw, "dw_fwd_strip")(_blocks(items), (_THREADS,), (
-            src, weight, bias_arg, _i(has_bias), _i(flip), out, _u(items), _u(C), _u(H), _u(W),
-            _u(nq)))
-    return out
+        buffers.append(("part", (slices * C * (kk + 1),)))
+        launches = [
+            Launch(_kernel(dtype, kh, kw, "dw_bwd_strip"), (C, slices), (_THREADS,), (
+                "x", "dout", "weight", "dx", "part", _u(B), _u(C), _u(H), _u(W), _u(nq), _u(per_slice))),
+            Launch(_kernel(dtype, kh, kw, "dw_bwd_finish"), _blocks(C * (kk + 1)), (_THREADS,), (
+                "part", "dweight", db_arg, _i(has_bias), _i(slices), _i(C)))]
+    return Plan(dtype, tuple(buffers), tuple(launches))
 
 
 def _fwd(version, x, weight, bias):
     x, w2, bias, dtype, dims = _check_inputs(x, weight, bias)
-    out = _correlate(version, x, w2, bias, 0, dims, dtype)
-    return out, {"x": x, "weight": w2, "has_bias": bias is not None, "dims": dims, "dtype": dtype}
+    bufs = run_on_cupy(fwd_plan(version, dims, dtype, bias is not None), {"x": x, "weight": w2, "bias": bias},
+                       _empty)
+    return bufs["out"], {"x": x, "weight": w2, "has_bias": bias is not None, "dims": dims, "dtype": dtype}
 
 
 _SM_COUNT: dict = {}
@@ -373,49 +410,36 @@ def _slices(B, C):
 
 def _bwd(version, dout, cache):
     B, C, H, W, kh, kw = dims = cache["dims"]
-    dtype, x, w2, has_bias = cache["dtype"], cache["x"], cache["weight"], cache["has_bias"]
+    dtype, has_bias = cache["dtype"], cache["has_bias"]
     dout = _device("dout", dout, 4)
     _shape("dout", dout, (B, C, H, W))
     if dout.dtype != dtype:
         raise TypeError(f"dout has dtype {dout.dtype} but the forward ran in {np.dtype(dtype).name}")
-    kk = kh * kw
-    slices, per_slice = _slices(B, C) if version == "strip" else (0, 0)
-    # the filter and bias gradients and the strip backward's partial sums: one allocation
-    small = _empty((C * kk + C + slices * C * (kk + 1),), dtype)
-    dweight = small[:C * kk].reshape(C, 1, kh, kw)
-    dbias = small[C * kk:C * kk + C] if has_bias else None
-    db_arg = dbias if has_bias else dweight         # never written when has_bias == 0
-    if version == "naive":
-        dx = _correlate("naive", dout, w2, None, 1, dims, dtype)
-        _kernel(dtype, kh, kw, "dw_wgrad_naive")((C, kk + 1), (_THREADS,), (
-            x, dout, dweight, db_arg, _i(has_bias), _u(B), _u(C), _u(H), _u(W)))
-    else:
-        dx = _empty((B, C, H, W), dtype)
-        nq = (W + STRIP - 1) // STRIP
-        part = small[C * kk + C:]
-        _kernel(dtype, kh, kw, "dw_bwd_strip")((C, slices), (_THREADS,), (
-            x, dout, w2, dx, part, _u(B), _u(C), _u(H), _u(W), _u(nq), _u(per_slice)))
-        _kernel(dtype, kh, kw, "dw_bwd_finish")(_blocks(C * (kk + 1)), (_THREADS,), (
-            part, dweight, db_arg, _i(has_bias), _i(slices), _i(C)))
-    return {"x": dx, "weight": dweight, "bias": dbias}
+    bufs = run_on_cupy(bwd_plan(version, dims, dtype, has_bias),
+                       {"x": cache["x"], "weight": cache["weight"], "dout": dout}, _empty)
+    return {"x": bufs["dx"], "weight": bufs["dweight"], "bias": bufs.get("dbias")}
 
 
+@replayable(functools.partial(fwd_plan, "naive"))
 def depthwise_conv2d_fwd_naive(x, weight, bias=None):
     """Ladder rung "naive": one thread per output element. Returns (out, cache)."""
     return _fwd("naive", x, weight, bias)
 
 
+@replayable(functools.partial(bwd_plan, "naive"))
 def depthwise_conv2d_bwd_naive(dout, cache):
     """Rung "naive": dx by the flipped-filter kernel; filter/bias sums one block per (channel, tap)."""
     return _bwd("naive", dout, cache)
 
 
+@replayable(functools.partial(fwd_plan, "strip"))
 def depthwise_conv2d_fwd(x, weight, bias=None):
     """``x (B, C, H, W)``, ``weight (C, 1, kh, kw)`` (kh, kw odd <= 7), ``bias (C,)`` or None
     -> ``(out (B, C, H, W), cache)``: rung "strip" (V outputs per thread), the default."""
     return _fwd("strip", x, weight, bias)
 
 
+@replayable(functools.partial(bwd_plan, "strip"))
 def depthwise_conv2d_bwd(dout, cache):
     """``dout (B, C, H, W)`` -> ``{"x", "weight", "bias"}`` (bias None when the forward had
     none): rung "strip", one fused pass over x and dy plus an in-order sum over batch slices."""

@@ -31,10 +31,13 @@ NSTATE, SEG, ITEMS, VEC; one module per combination met).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
                             scan_cache, scan_shapes, ss2d_shapes)
+from ._plan import Launch, Plan, replayable, run_on_cupy
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "cross_scan", "cross_merge",
            "ss2d_scan_fwd", "ss2d_scan_bwd"]
@@ -1048,10 +1051,15 @@ def _base_address(a) -> int:
     return int(iface["data"][0])
 
 
+def _vec_width(items: int) -> int:
+    """Floats per vector load of the vec kernels with ITEMS steps per lane."""
+    return 4 if items % 4 == 0 else (2 if items % 2 == 0 else 1)
+
+
 def vec_loads_ok(L: int, items: int, *arrays) -> bool:
     """True when the vec kernels may use vector loads: L a multiple of the vector width and
     every base address aligned to it (then every row of u/delta/B/C/y starts aligned too)."""
-    width = 4 if items % 4 == 0 else (2 if items % 2 == 0 else 1)
+    width = _vec_width(items)
     return L % width == 0 and all(_base_address(a) % (4 * width) == 0 for a in arrays if a is not None)
 
 
@@ -1064,6 +1072,11 @@ def _max_shared() -> int:
 def _empty(shape):
     cp = _cp()
     return cp.full(shape, np.nan, np.float32) if poisoning() else cp.empty(shape, np.float32)
+
+
+def _plan_empty(shape, dtype):
+    """:func:`_empty` with the signature plans allocate through (the dtype is always float32 here)."""
+    return _empty(shape)
 
 
 def _dev(x):
@@ -1081,6 +1094,16 @@ def _i(v):
     return np.int32(v)
 
 
+def _sum_middle_launch(jobs):
+    """The launch of sum_middle for jobs [(part, out, outer, P, inner)] (at most five; part and
+    out buffer names): out[o*inner + i] = sum_p part[(o*P + p)*inner + i] for every job at once."""
+    total = sum(outer * inner for _, _, outer, _, inner in jobs)
+    pad = 5 - len(jobs)                                      # unused slots: never read or written
+    names = [name for part, out, *_ in jobs for name in (part, out)] + [jobs[0][1]] * (2 * pad)
+    dims = [_i(d) for *_, outer, P, inner in jobs for d in (outer, P, inner)] + [_i(0)] * (3 * pad)
+    return Launch(_kernel("sum_middle"), ((total + 255) // 256,), (256,), (*names, _i(len(jobs)), *dims))
+
+
 def _sum_middle(jobs):
     """[out_j (outer_j*inner_j,)] for jobs [(part_j, outer_j, P_j, inner_j)] (at most five):
     out_j[o*inner_j + i] = sum_p part_j[(o*P_j + p)*inner_j + i], all in one launch, the outputs
@@ -1089,10 +1112,10 @@ def _sum_middle(jobs):
     buf = _empty((max(sum(sizes), 1),))
     starts = np.cumsum([0] + sizes)
     outs = [buf[a:b] for a, b in zip(starts[:-1], starts[1:])]
-    pad = 5 - len(jobs)                                      # unused slots: never read or written
-    ptrs = [a for (part, *_), out in zip(jobs, outs) for a in (part, out)] + [buf, buf] * pad
-    dims = [_i(d) for _, outer, P, inner in jobs for d in (outer, P, inner)] + [_i(0)] * (3 * pad)
-    _kernel("sum_middle")(((sum(sizes) + 255) // 256,), (256,), (*ptrs, _i(len(jobs)), *dims))
+    given = {f"{kind}{j}": a for j, (job, out) in enumerate(zip(jobs, outs)) for kind, a in (("part", job[0]), ("out", out))}
+    launch = _sum_middle_launch([(f"part{j}", f"out{j}", outer, P, inner)
+                                 for j, (_, outer, P, inner) in enumerate(jobs)])
+    run_on_cupy(Plan(np.dtype(np.float32), (), (launch,)), given, _plan_empty)
     return outs
 
 
@@ -1184,32 +1207,48 @@ def selective_scan_bwd(dy, cache):
     return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache["shape"], nblk, D, bias)
 
 
+def _scan_bwd_vec_parts(shape, delta_softplus, vec, names):
+    """(buffers, launch, nblk) of the vec backward kernel for shape (batch, KD, L, K, N);
+    ``names`` maps the kernel's array parameters (u, delta, A, B, C, D, delta_bias, dy and the
+    outputs du, ddelta, partB, partC, partA, partD, partbias) to buffer names. The buffers are
+    the outputs and the round-entry states (named by ``names`` too, "hstart")."""
+    batch, KD, L, K, N = shape
+    seg, items = vec_layout(L)
+    slots = VEC_WARPS * 32 // seg                 # rows (channels of one group) per block
+    nblk = (KD // K + slots - 1) // slots
+    nrounds = (L + seg * items - 1) // (seg * items)
+    shared = slots * 2 * N * seg * items * 4
+    buffers = ((names["hstart"], (batch * KD * nrounds * N,)), (names["du"], (batch, KD, L)),
+               (names["ddelta"], (batch, KD, L)), (names["partB"], (batch * K * nblk * N * L,)),
+               (names["partC"], (batch * K * nblk * N * L,)), (names["partA"], (batch * KD * N,)),
+               (names["partD"], (batch * KD,)), (names["partbias"], (batch * KD,)))
+    k = _vec_kernel("scan_bwd_vec", N, seg, items, vec, shared, one_round=nrounds == 1)
+    args = tuple(names[n] for n in ("u", "delta", "A", "B", "C", "D", "delta_bias", "dy", "hstart", "du", "ddelta",
+                                    "partB", "partC", "partA", "partD", "partbias"))
+    launch = Launch(k, (nblk, K, batch), (32 * VEC_WARPS,),
+                    args + (_i(batch), _i(KD), _i(L), _i(K), _i(bool(delta_softplus))), shared_mem=shared)
+    return buffers, launch, nblk
+
+
+_SCAN_BWD_NAMES = {n: n for n in ("u", "delta", "A", "B", "C", "D", "delta_bias", "dy", "hstart", "du", "ddelta",
+                                  "partB", "partC", "partA", "partD", "partbias")}
+
+
 def selective_scan_bwd_vec(dy, cache):
     """Ladder rung "vec" of the backward: the "warp" backward's two passes with ITEMS steps per
     lane; dB/dC summed over the block's rows in shared memory (deterministic, no atomics)."""
-    cp = _cp()
     batch, KD, L, K, N = cache["shape"]
     check_dy("dy", dy, (batch, KD, L), np.float32)
     seg, items = vec_layout(L)
-    Dg = KD // K
-    slots = VEC_WARPS * 32 // seg                 # rows (channels of one group) per block
-    nblk = (Dg + slots - 1) // slots
-    nrounds = (L + seg * items - 1) // (seg * items)
     D, bias = cache["D"], cache["delta_bias"]
-    ins = [_dev(cache[name]) for name in ("u", "delta", "A", "B", "C")]
-    dyd = _dev(dy)
-    hstart = cp.empty((batch * KD * nrounds * N,), np.float32)
-    du, ddelta = _empty((batch, KD, L)), _empty((batch, KD, L))
-    partB, partC = _empty((batch * K * nblk * N * L,)), _empty((batch * K * nblk * N * L,))
-    partA, partD, partbias = _empty((batch * KD * N,)), _empty((batch * KD,)), _empty((batch * KD,))
-    vec = vec_loads_ok(L, items, *ins[:2], *ins[3:], dyd, du, ddelta)
-    shared = slots * 2 * N * seg * items * 4
-    k = _vec_kernel("scan_bwd_vec", N, seg, items, vec, shared, one_round=nrounds == 1)
-    k((nblk, K, batch), (32 * VEC_WARPS,),
-      (*ins, _or_zeros(D, KD), _or_zeros(bias, KD), dyd, hstart, du, ddelta, partB, partC, partA, partD,
-       partbias, _i(batch), _i(KD), _i(L), _i(K), _i(bool(cache["delta_softplus"]))),
-      shared_mem=shared)
-    return _scan_grads(du, ddelta, partA, partB, partC, partD, partbias, cache["shape"], nblk, D, bias)
+    given = {name: _dev(cache[name]) for name in ("u", "delta", "A", "B", "C")}
+    given.update(D=_or_zeros(D, KD), delta_bias=_or_zeros(bias, KD), dy=_dev(dy))
+    # the outputs du, ddelta are fresh allocations (aligned): only the inputs decide
+    vec = vec_loads_ok(L, items, *(given[n] for n in ("u", "delta", "B", "C", "dy")))
+    buffers, launch, nblk = _scan_bwd_vec_parts(cache["shape"], cache["delta_softplus"], vec, _SCAN_BWD_NAMES)
+    bufs = run_on_cupy(Plan(np.dtype(np.float32), buffers, (launch,)), given, _plan_empty)
+    return _scan_grads(bufs["du"], bufs["ddelta"], bufs["partA"], bufs["partB"], bufs["partC"], bufs["partD"],
+                       bufs["partbias"], cache["shape"], nblk, D, bias)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1222,45 +1261,63 @@ def _check_map(x):
     return tuple(int(s) for s in x.shape)
 
 
-def _launch_2d(name, src, dst, batch, C, H, W, version):
+def _launch_2d_spec(name, src, dst, batch, C, H, W, version):
+    """The Launch of cross_scan / cross_merge (``name``) from buffer ``src`` into ``dst``."""
     if version == "tiled" and batch * C <= 65535:
-        _kernel(name + "_tiled")(((W + 31) // 32, (H + 31) // 32, batch * C), (32, 8),
-                                 (src, dst, _i(batch), _i(C), _i(H), _i(W)))
-    else:
-        total = batch * C * H * W
-        _kernel(name + "_naive")(((total + 255) // 256,), (256,), (src, dst, _i(batch), _i(C), _i(H), _i(W)))
+        return Launch(_kernel(name + "_tiled"), ((W + 31) // 32, (H + 31) // 32, batch * C), (32, 8),
+                      (src, dst, _i(batch), _i(C), _i(H), _i(W)))
+    total = batch * C * H * W
+    return Launch(_kernel(name + "_naive"), ((total + 255) // 256,), (256,), (src, dst, _i(batch), _i(C), _i(H), _i(W)))
+
+
+@functools.lru_cache(maxsize=None)
+def cross_scan_plan(version, dims):
+    """The :class:`._plan.Plan` of a cross-scan of a (batch, C, H, W) = dims map: input "x",
+    output buffer "xs" (batch, 4, C, H*W)."""
+    batch, C, H, W = dims
+    return Plan(np.dtype(np.float32), (("xs", (batch, K_DIRECTIONS, C, H * W)),),
+                (_launch_2d_spec("cross_scan", "x", "xs", batch, C, H, W, version),))
+
+
+@functools.lru_cache(maxsize=None)
+def cross_merge_plan(version, dims):
+    """The plan of a cross-merge into a (batch, C, H, W) = dims map: input "ys"
+    (batch, 4, C, H*W), output buffer "y" (batch, C, H, W)."""
+    batch, C, H, W = dims
+    return Plan(np.dtype(np.float32), (("y", (batch, C, H, W)),),
+                (_launch_2d_spec("cross_merge", "ys", "y", batch, C, H, W, version),))
 
 
 def _cross_scan(x, version):
-    batch, C, H, W = _check_map(x)
-    xs = _empty((batch, K_DIRECTIONS, C, H * W))
-    _launch_2d("cross_scan", _dev(x), xs, batch, C, H, W, version)
-    return xs
+    dims = _check_map(x)
+    return run_on_cupy(cross_scan_plan(version, dims), {"x": _dev(x)}, _plan_empty)["xs"]
 
 
 def _cross_merge(ys, H, W, version):
-    batch, C, H, W = check_merge_shapes(ys, H, W)
+    dims = check_merge_shapes(ys, H, W)
     check_dtype(ys.dtype, (np.float32,), "cupy")
-    y = _empty((batch, C, H, W))
-    _launch_2d("cross_merge", _dev(ys), y, batch, C, H, W, version)
-    return y
+    return run_on_cupy(cross_merge_plan(version, dims), {"ys": _dev(ys)}, _plan_empty)["y"]
 
 
+@replayable(functools.partial(cross_scan_plan, "naive"))
 def cross_scan_naive(x):
     """Ladder rung "naive": one thread per element; directions 1/3 written uncoalesced."""
     return _cross_scan(x, "naive")
 
 
+@replayable(functools.partial(cross_scan_plan, "tiled"))
 def cross_scan(x):
     """``x (B, C, H, W)`` -> ``(B, 4, C, H*W)`` through 32x32 shared tiles (default)."""
     return _cross_scan(x, "tiled")
 
 
+@replayable(functools.partial(cross_merge_plan, "naive"))
 def cross_merge_naive(ys, H, W):
     """Ladder rung "naive": one thread per output element; directions 1/3 read uncoalesced."""
     return _cross_merge(ys, H, W, "naive")
 
 
+@replayable(functools.partial(cross_merge_plan, "tiled"))
 def cross_merge(ys, H, W):
     """``ys (B, 4, C, H*W)`` -> ``(B, C, H, W)`` through 32x32 shared tiles (default)."""
     return _cross_merge(ys, H, W, "tiled")
@@ -1284,17 +1341,58 @@ def ss2d_scan_fwd_composed(x, delta, A, B, C, D=None, delta_bias=None, delta_sof
     return y, scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N))
 
 
+def composed_bwd_plan(dims, delta_softplus, has_D, has_bias, aligned):
+    """The :class:`._plan.Plan` of the "composed" backward. dims = (batch, Di, H, W, N); inputs
+    "x" (the forward's map), "delta", "A", "B", "C", "D" and "delta_bias" (if given; zeros stand
+    in otherwise) and "dy" (batch, Di, H, W); output buffers "dx", "ddelta", "dA", "dB", "dC" and,
+    if given, "dD", "ddelta_bias", shaped like their inputs. ``aligned``: delta, B and C start on
+    16-byte boundaries (the other arrays the kernels read are the plan's own buffers)."""
+    return _composed_bwd_plan(tuple(int(d) for d in dims), bool(delta_softplus), bool(has_D), bool(has_bias),
+                              bool(aligned))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_bwd_plan(dims, delta_softplus, has_D, has_bias, aligned):
+    batch, Di, H, W, N = dims
+    K, KD, L = K_DIRECTIONS, K_DIRECTIONS * Di, H * W
+    _, items = vec_layout(L)
+    names = dict(_SCAN_BWD_NAMES, u="xs", dy="dys", A="A", D="D" if has_D else "D0",
+                 delta_bias="delta_bias" if has_bias else "delta_bias0")
+    scan_buffers, scan_launch, nblk = _scan_bwd_vec_parts(
+        (batch, KD, L, K, N), delta_softplus, aligned and L % _vec_width(items) == 0, names)
+    # the parameter gradients: A, D and delta_bias summed over the batch, B and C over the nblk
+    # channel blocks of each direction (fixed order: deterministic)
+    jobs = [("partA", "dA", 1, batch, KD * N)]
+    jobs += [(part, out, 1, batch, KD) for part, out, given in (("partD", "dD", has_D), ("partbias", "ddelta_bias", has_bias))
+             if given]
+    jobs += [("partB", "dB", batch * K, nblk, N * L), ("partC", "dC", batch * K, nblk, N * L)]
+    zeroed = [name for name, given in (("D0", has_D), ("delta_bias0", has_bias)) if not given]
+    buffers = (("xs", (batch, KD, L)), ("dys", (batch, KD, L))) + scan_buffers + (
+        ("dA", (KD, N)), ("dB", (batch, K, N, L)), ("dC", (batch, K, N, L)), ("dx", (batch, Di, H, W)))
+    buffers += tuple((out, (KD,)) for _, out, *_ in jobs[1:-2]) + tuple((z, (KD,)) for z in zeroed)
+    launches = (_launch_2d_spec("cross_scan", "x", "xs", batch, Di, H, W, "tiled"),
+                _launch_2d_spec("cross_scan", "dy", "dys", batch, Di, H, W, "tiled"),
+                scan_launch,
+                _sum_middle_launch(jobs),
+                _launch_2d_spec("cross_merge", "du", "dx", batch, Di, H, W, "tiled"))
+    return Plan(np.dtype(np.float32), buffers, launches, frozenset(zeroed))
+
+
+@replayable(composed_bwd_plan)
 def ss2d_scan_bwd_composed(dy, cache):
-    """Ladder rung "composed" of the backward: cross_scan(dy), the scan backward, cross_merge."""
+    """Ladder rung "composed" of the backward: cross_scan(dy) + scan backward + cross_merge(du),
+    with the map's cross-scan recomputed (five launches, :func:`composed_bwd_plan`)."""
     batch, Di, H, W, N = cache["shape"]
     check_dy("dy", dy, (batch, Di, H, W), np.float32)
-    KD, L = K_DIRECTIONS * Di, H * W
-    xs = cross_scan(cache["u"]).reshape(batch, KD, L)
-    sc = scan_cache(xs, cache["delta"], cache["A"], cache["B"], cache["C"], cache["D"],
-                    cache["delta_bias"], cache["delta_softplus"], (batch, KD, L, K_DIRECTIONS, N))
-    g = selective_scan_bwd_vec(cross_scan(dy).reshape(batch, KD, L), sc)
-    dxs = g.pop("u")
-    return {"x": cross_merge(dxs.reshape(batch, K_DIRECTIONS, Di, L), H, W), **g}
+    D, bias = cache["D"], cache["delta_bias"]
+    given = {name: _dev(cache[name]) for name in ("delta", "A", "B", "C")}
+    given.update(x=_dev(cache["u"]), dy=_dev(dy), D=None if D is None else _dev(D),
+                 delta_bias=None if bias is None else _dev(bias))
+    plan = composed_bwd_plan(cache["shape"], cache["delta_softplus"], D is not None, bias is not None,
+                             all(_base_address(given[n]) % 16 == 0 for n in ("delta", "B", "C")))
+    bufs = run_on_cupy(plan, given, _plan_empty)
+    return {"x": bufs["dx"], "delta": bufs["ddelta"].reshape(batch, K_DIRECTIONS * Di, H * W), "A": bufs["dA"],
+            "B": bufs["dB"], "C": bufs["dC"], "D": bufs.get("dD"), "delta_bias": bufs.get("ddelta_bias")}
 
 
 def ss2d_scan_fwd(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):

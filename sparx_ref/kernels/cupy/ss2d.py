@@ -39,10 +39,13 @@ above the device's opt-in limit the composed version runs instead.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .._scan_common import K_DIRECTIONS, scan_cache, ss2d_shapes
-from .scan import _dev, _empty, _max_shared, _or_zeros, ss2d_scan_fwd_composed
+from ._plan import Launch, Plan, replayable, run_on_cupy
+from .scan import _dev, _empty, _max_shared, ss2d_scan_fwd_composed
 
 __all__ = ["ss2d_scan_fwd_quad"]
 
@@ -326,6 +329,36 @@ def _address(a) -> int:
     return int(iface["data"][0])
 
 
+def quad_plan(dims, delta_softplus, has_D, has_bias, aligned):
+    """The :class:`._plan.Plan` of a "quad" forward, or None when the maps do not fit in shared
+    memory (the array function then runs the composed version). dims = (batch, Di, H, W, N);
+    inputs "x", "delta", "A", "B", "C" and, if given, "D" and "delta_bias" (zeros stand in
+    otherwise); output buffer "y" (batch, Di, H, W). ``aligned``: x, delta, B and C start on
+    16-byte boundaries (then the float4 loads may be used)."""
+    return _quad_plan(tuple(int(d) for d in dims), bool(delta_softplus), bool(has_D), bool(has_bias),
+                      bool(aligned), _ALLOW_VEC["on"], _shared_cap())
+
+
+@functools.lru_cache(maxsize=None)
+def _quad_plan(dims, delta_softplus, has_D, has_bias, aligned, allow_vec, shared_cap):
+    batch, Di, H, W, N = dims
+    P = W | 1
+    shared = 3 * H * P * 4
+    if shared > shared_cap:
+        return None
+    KD, L = K_DIRECTIONS * Di, H * W
+    items = SHORT_ITEMS if L <= 32 * SHORT_ITEMS else QUAD_ITEMS
+    vec = allow_vec and items % 4 == 0 and L % 4 == 0 and aligned
+    zeroed = [name for name, given in (("D0", has_D), ("delta_bias0", has_bias)) if not given]
+    launch = Launch(_kernel(N, items, shared), (batch * Di,), (QUAD_THREADS,), (
+        "x", "delta", "A", "B", "C", "D" if has_D else "D0", "delta_bias" if has_bias else "delta_bias0", "y",
+        np.int32(batch), np.int32(Di), np.int32(H), np.int32(W), np.int32(P), np.int32(delta_softplus),
+        np.int32(vec)), shared_mem=shared)
+    return Plan(np.dtype(np.float32), (("y", (batch, Di, H, W)),) + tuple((z, (KD,)) for z in zeroed),
+                (launch,), frozenset(zeroed))
+
+
+@replayable(quad_plan)
 def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """2-D scan forward, ladder rung "quad": one block of 4 warps per (batch, channel), warp k
     scanning direction k from the map in shared memory, ITEMS consecutive steps per lane, the
@@ -334,20 +367,12 @@ def ss2d_scan_fwd_quad(x, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     3*H*(W|1)*4 bytes exceed the device's shared memory per block."""
     batch, Di, H, W, N, _ = ss2d_shapes(x, delta, A, B, C, D, delta_bias, allowed=(np.float32,),
                                         backend="cupy")
-    P = W | 1
-    shared = 3 * H * P * 4
-    if shared > _shared_cap():
-        return ss2d_scan_fwd_composed(x, delta, A, B, C, D, delta_bias, delta_softplus)
-    KD, L = K_DIRECTIONS * Di, H * W
     xd, dd, Bd, Cd = _dev(x), _dev(delta), _dev(B), _dev(C)
-    y = _empty((batch, Di, H, W))
-    items = SHORT_ITEMS if L <= 32 * SHORT_ITEMS else QUAD_ITEMS
-    vec = (_ALLOW_VEC["on"] and items % 4 == 0 and L % 4 == 0
-           and all(_address(a) % 16 == 0 for a in (xd, dd, Bd, Cd)))
-    _kernel(N, items, shared)(
-        (batch * Di,), (QUAD_THREADS,),
-        (xd, dd, _dev(A), Bd, Cd, _or_zeros(D, KD), _or_zeros(delta_bias, KD), y,
-         np.int32(batch), np.int32(Di), np.int32(H), np.int32(W), np.int32(P),
-         np.int32(bool(delta_softplus)), np.int32(vec)),
-        shared_mem=shared)
+    plan = quad_plan((batch, Di, H, W, N), delta_softplus, D is not None, delta_bias is not None,
+                     all(_address(a) % 16 == 0 for a in (xd, dd, Bd, Cd)))
+    if plan is None:
+        return ss2d_scan_fwd_composed(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    given = {"x": xd, "delta": dd, "A": _dev(A), "B": Bd, "C": Cd,
+             "D": None if D is None else _dev(D), "delta_bias": None if delta_bias is None else _dev(delta_bias)}
+    y = run_on_cupy(plan, given, lambda shape, dtype: _empty(shape))["y"]
     return y, scan_cache(x, delta, A, B, C, D, delta_bias, delta_softplus, (batch, Di, H, W, N))

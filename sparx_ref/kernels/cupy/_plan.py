@@ -1,0 +1,86 @@
+"""Launch plans: what one call of a CuPy op launches, worked out once per set of shapes.
+
+A call of a kernel wrapper does two kinds of work: deciding (check the shapes, pick the grid,
+the compiled module and the scalar arguments, size the scratch buffers) and launching. The
+deciding depends only on the shapes, the dtype and a few flags, so it is done once and kept as
+a :class:`Plan`: the buffers to allocate and the launches to make, in order, where each pointer
+argument is a buffer *name*. Running a plan allocates the buffers, replaces every name by its
+buffer's device address and launches (:func:`run`).
+
+The CuPy array functions (``depthwise_conv2d_fwd`` and the rest) run their plans on CuPy
+arrays. The PyTorch twins run the same plans on tensors (:mod:`sparx_ref.torch_models.ops`):
+the buffers are ``torch.empty`` tensors and the addresses ``Tensor.data_ptr()``, with no CuPy
+array built at all, which takes a call's host time from hundreds of microseconds to tens
+(``benchmarks/diag_function_host.py``). One plan serves both, so what the kernel tests check
+against the reference is what the twins launch.
+
+A wrapper that can be replayed this way carries its plan builder as ``fn.plan`` (see
+:func:`replayable`); its signature is fixed per op and documented there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel(grid, block, args, shared_mem=shared_mem)`` where each ``str``
+    in ``args`` is a buffer name, replaced by that buffer's device address at run time, and
+    anything else (NumPy scalars) is passed as it is."""
+    kernel: Any
+    grid: tuple
+    block: tuple
+    args: tuple
+    shared_mem: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The buffers a call allocates (name, shape; all of ``dtype``) and its launches in order.
+    Buffers named in ``zeroed`` must start at zero (the rest start undefined: a kernel writes
+    every element). The names of the call's inputs are not listed: the caller gives them."""
+    dtype: np.dtype
+    buffers: tuple[tuple[str, tuple[int, ...]], ...]
+    launches: tuple[Launch, ...]
+    zeroed: frozenset = field(default_factory=frozenset)
+
+
+def run(plan: Plan, given: dict, empty: Callable, zeros: Callable, address: Callable) -> dict:
+    """Allocate ``plan``'s buffers (``empty(shape, dtype)``, or ``zeros`` for the zeroed ones),
+    then launch its kernels on the current CuPy stream with every buffer name replaced by
+    ``address(buffer)``. ``given`` maps the names of the inputs to their arrays (None for an
+    absent optional input: no launch may name it). Returns ``given`` and the new buffers by name."""
+    bufs = dict(given)
+    for name, shape in plan.buffers:
+        bufs[name] = (zeros if name in plan.zeroed else empty)(shape, plan.dtype)
+    addresses = {name: address(a) for name, a in bufs.items() if a is not None}
+    for launch in plan.launches:
+        launch.kernel(launch.grid, launch.block,
+                      tuple(addresses[a] if type(a) is str else a for a in launch.args),
+                      shared_mem=launch.shared_mem)
+    return bufs
+
+
+def cupy_address(a) -> int:
+    """Device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
+def run_on_cupy(plan: Plan, given: dict, empty: Callable) -> dict:
+    """:func:`run` on CuPy arrays: buffers from ``empty`` (a kernel module's allocator, which tests
+    swap for a NaN-filled one) or ``cupy.zeros``."""
+    import cupy
+    return run(plan, given, empty, lambda shape, dtype: cupy.zeros(shape, dtype), cupy_address)
+
+
+def replayable(planner: Callable):
+    """Decorator: mark a CuPy array function as replayable from shapes; ``fn.plan`` is
+    ``planner``, which returns the :class:`Plan` of a call (or None where the function would take
+    another route for these shapes, e.g. a fallback: then only the array function will do)."""
+    def mark(fn):
+        fn.plan = planner
+        return fn
+    return mark

@@ -1,0 +1,70 @@
+"""CuPy launch plans (sparx_ref.kernels.cupy._plan) without a GPU: how a plan is run (buffer
+names replaced by addresses, launches in order, zeroed buffers), and which kernel functions
+carry a plan builder (the ones the twins call on every step). The plans' kernels themselves are
+checked against the reference by the CuPy kernel tests on a GPU, which run through the plans."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from sparx_ref.kernels import registry
+from sparx_ref.kernels.cupy._plan import Launch, Plan, replayable, run
+
+
+def address(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_run_allocates_buffers_and_replaces_names_by_addresses_in_order():
+    calls = []
+
+    def kernel(grid, block, args, shared_mem=0):
+        calls.append((grid, block, args, shared_mem))
+    plan = Plan(np.dtype(np.float32), (("out", (2, 3)), ("zero", (4,))),
+                (Launch(kernel, (1,), (32,), ("x", "out", np.int32(5))),
+                 Launch(kernel, (2, 1), (64,), ("zero", "x"), shared_mem=128)),
+                frozenset({"zero"}))
+    x = np.arange(3, dtype=np.float32)
+
+    def poisoned(shape, dtype):
+        return np.full(shape, np.nan, dtype)
+    bufs = run(plan, {"x": x, "absent": None}, poisoned, np.zeros, address)
+    assert bufs["x"] is x and bufs["absent"] is None
+    assert bufs["out"].shape == (2, 3) and bufs["out"].dtype == np.float32
+    assert np.isnan(bufs["out"]).all(), "non-zeroed buffers come from `empty`"
+    assert bufs["zero"].shape == (4,) and not bufs["zero"].any(), "zeroed buffers come from `zeros`"
+    assert [c[:2] for c in calls] == [((1,), (32,)), ((2, 1), (64,))]
+    assert calls[0][2] == (address(x), address(bufs["out"]), 5) and type(calls[0][2][2]) is np.int32
+    assert calls[1][2] == (address(bufs["zero"]), address(x)) and calls[1][3] == 128
+
+
+def test_run_refuses_a_launch_naming_an_absent_buffer():
+    plan = Plan(np.dtype(np.float32), (), (Launch(lambda *a, **k: None, (1,), (1,), ("bias",)),))
+    with pytest.raises(KeyError, match="bias"):
+        run(plan, {"bias": None}, np.empty, np.zeros, address)
+
+
+def test_replayable_marks_the_function():
+    def planner(dims):
+        return None
+
+    @replayable(planner)
+    def f(x):
+        return x
+    assert f.plan is planner and f(3) == 3
+
+
+# The kernels the SparX-Mamba twin calls on every step (cross_scan feeds its x_proj): their CuPy defaults must be replayable,
+# or the twin silently takes the slower CuPy-array route (tests/torch_models checks the route).
+PLANNED_OPS = ("depthwise_conv2d_fwd", "depthwise_conv2d_bwd", "ss2d_scan_fwd", "ss2d_scan_bwd",
+               "dmca_attention_fwd", "dmca_attention_bwd", "cross_scan", "cross_merge")
+
+
+@pytest.mark.parametrize("op", PLANNED_OPS)
+def test_cupy_defaults_of_twin_ops_carry_a_plan(op):
+    (entry,) = [e for e in registry.entries(op, "cupy") if e.default]
+    module, name = entry.target.split(":")
+    fn = getattr(importlib.import_module(module), name)      # imports no CuPy
+    assert callable(getattr(fn, "plan", None)), f"{entry.target} has no .plan"
