@@ -495,6 +495,9 @@ def _run_plan(plan, device: torch.device, **given):
     from PyTorch's caching allocator, on PyTorch's current stream. Returns every buffer by name."""
     from ..kernels.cupy import _plan as plans
     dtype = _TORCH_DTYPE[plan.dtype]
+    for name, t in given.items():     # the kernels read memory as plan.dtype: never reinterpret
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; these CuPy kernels were planned for {dtype}")
 
     def empty(shape, _dtype):
         return torch.empty(shape, dtype=dtype, device=device)
@@ -706,9 +709,11 @@ class PlannedCrossScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
+        from ..kernels._scan_common import check_dtype
         device = _check_tensors("cross_scan", "cupy", dict(x=x))
         if x.dim() != 4:
             raise ValueError(f"cross_scan: x must have 4 dimensions (B, C, H, W), got shape {tuple(x.shape)}")
+        check_dtype(x.dtype, (np.float32,), "cupy")
         (x,) = _contiguous(x)
         ctx.dims = tuple(int(d) for d in x.shape)
         return _run_plan(_planner("cross_scan", "cupy", 0)(ctx.dims), device, x=x)["xs"]
@@ -723,8 +728,9 @@ class PlannedCrossMergeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ys, H, W):
-        from ..kernels._scan_common import check_merge_shapes
+        from ..kernels._scan_common import check_dtype, check_merge_shapes
         device = _check_tensors("cross_merge", "cupy", dict(ys=ys))
+        check_dtype(ys.dtype, (np.float32,), "cupy")
         (ys,) = _contiguous(ys)
         ctx.dims = check_merge_shapes(ys, H, W)
         return _run_plan(_planner("cross_merge", "cupy", 0)(ctx.dims), device, ys=ys)["y"]

@@ -422,3 +422,17 @@ def test_describe_lists_every_op_per_backend():
         assert list(d) == list(OPS)
         for op, what in d.items():
             assert (what == "torch") == (not ops.uses_kernel(op, backend))
+
+
+def test_launch_plans_refuse_tensors_of_another_dtype():
+    """A CuPy plan's kernels read memory as the plan's dtype: a tensor of another dtype is refused
+    before anything is launched, never reinterpreted."""
+    import numpy as np
+
+    from sparx_ref.kernels.cupy._plan import Launch, Plan
+
+    def kernel(*args, **kwargs):
+        raise AssertionError("nothing may be launched")
+    plan = Plan(np.dtype(np.float32), (("y", (2,)),), (Launch(kernel, (1,), (1,), ("x", "y")),))
+    with pytest.raises(TypeError, match="x has dtype torch.float64.*float32"):
+        ops._run_plan(plan, torch.device("cpu"), x=torch.zeros(2, dtype=torch.float64))
