@@ -96,12 +96,23 @@ class SparXSS2D(nn.Module):
         """u: (B, Di, H, W) -> out_norm(cross_merge(selective_scan(cross_scan(u)))) (spec §8)."""
         B, D, H, W = u.shape
         K, R, N, L = self.K, self.dt_rank, self.d_state, H * W
-        xs = self.kernels.cross_scan(u)                                          # (B, K, Di, L)
         # The released grouped 1x1 conv1d's (groups = K) are per-direction matrix products;
         # written as batched matmuls because cuDNN runs these grouped conv1d's through slow
         # transposes on the GPU (2 ms each at batch 64: half of an inference step on an H100).
         x_proj = self.x_proj_weight.reshape(K, R + 2 * N, D)                     # (K, R+2N, Di)
-        x_dbl = torch.matmul(x_proj, xs)                                         # (B, K, R+2N, L)
+        if self.kernels.ss2d_scan is None:                                       # the released order
+            xs = self.kernels.cross_scan(u)                                      # (B, K, Di, L)
+            x_dbl = torch.matmul(x_proj, xs)                                     # (B, K, R+2N, L)
+        else:
+            # Kernel backends: the same products, projected before the cross-scan. Direction k's
+            # projection at scan step l is x_proj[k] @ u at the map position direction k reads at l,
+            # so project u once with all K matrices (K*(R+2N) channels, a fraction of Di) and
+            # cross-scan that small map: direction k's copy of the projections of direction k is
+            # x_dbl[:, k]. The (B, K, Di, L) copy of u and its gradient are never formed.
+            proj = torch.matmul(x_proj.reshape(K * (R + 2 * N), D), u.reshape(B, D, L))   # (B, K*(R+2N), L)
+            xs_proj = self.kernels.cross_scan(proj.reshape(B, K * (R + 2 * N), H, W))     # (B, K, K*(R+2N), L)
+            x_dbl = torch.diagonal(xs_proj.reshape(B, K, K, R + 2 * N, L), dim1=1, dim2=2)  # (B, R+2N, L, K)
+            x_dbl = x_dbl.permute(0, 3, 1, 2)                                    # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts).reshape(B, K * D, L)       # (B, K*Di, L)
         scan_args = (dts, -torch.exp(self.A_logs), Bs.contiguous(), Cs.contiguous(), self.Ds,
