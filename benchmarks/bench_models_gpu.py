@@ -91,9 +91,33 @@ def reset_memory():
         torch.cuda.reset_peak_memory_stats()
 
 
+class GCPauses:
+    """Seconds spent in Python's garbage collector while active (a ``gc.callbacks`` entry): a
+    host-bound loop slows down by every collection, and a collection's cost grows with the number
+    of live objects in the process (NumPy, Numba, CuPy and PyTorch loaded)."""
+
+    def __init__(self):
+        self.seconds, self._t0 = 0.0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
 def timed_loop(step, warmup: int, iters: int, phase_seconds: float):
     """Run ``step`` warmup times, then time up to ``iters`` calls (at least one) within
-    ``phase_seconds``; returns (seconds per iteration, iterations timed, first-call seconds)."""
+    ``phase_seconds``; returns (seconds per iteration, iterations timed, first-call seconds,
+    garbage-collector seconds per timed iteration)."""
     t0 = time.perf_counter()
     step()
     sync()
@@ -102,15 +126,16 @@ def timed_loop(step, warmup: int, iters: int, phase_seconds: float):
         step()
     sync()
     done, spent = 0, 0.0
-    t0 = time.perf_counter()
-    while done < iters:
-        step()
-        sync()
-        done += 1
-        spent = time.perf_counter() - t0
-        if done and spent + spent / done > phase_seconds:
-            break
-    return spent / done, done, first
+    with GCPauses() as pauses:
+        t0 = time.perf_counter()
+        while done < iters:
+            step()
+            sync()
+            done += 1
+            spent = time.perf_counter() - t0
+            if done and spent + spent / done > phase_seconds:
+                break
+    return spent / done, done, first, pauses.seconds / done
 
 
 def build(name: str, backend: str, state=None):
@@ -166,10 +191,10 @@ def bench_one(name, backend, args, reference):
         opt.step()
 
     reset_memory()
-    sec, n, first = timed_loop(train_step, 1 if slow else args.warmup, 2 if slow else args.iters,
-                               args.slow_phase_seconds if slow else args.phase_seconds)
+    sec, n, first, gc_sec = timed_loop(train_step, 1 if slow else args.warmup, 2 if slow else args.iters,
+                                       args.slow_phase_seconds if slow else args.phase_seconds)
     row.update(train_img_s=args.train_batch / sec, train_iters=n, train_first_s=first,
-               train_peak_gib=peak_gib())
+               train_peak_gib=peak_gib(), train_gc_ms=gc_sec * 1e3)
     del opt, xb, yb
     # --- inference, batch 128
     model.eval()
@@ -180,10 +205,10 @@ def bench_one(name, backend, args, reference):
             model(xi)
 
     reset_memory()
-    sec, n, first = timed_loop(infer_step, 1 if slow else args.warmup, 2 if slow else args.iters,
-                               args.slow_phase_seconds if slow else args.phase_seconds)
+    sec, n, first, gc_sec = timed_loop(infer_step, 1 if slow else args.warmup, 2 if slow else args.iters,
+                                       args.slow_phase_seconds if slow else args.phase_seconds)
     row.update(infer_img_s=args.infer_batch / sec, infer_iters=n, infer_first_s=first,
-               infer_peak_gib=peak_gib())
+               infer_peak_gib=peak_gib(), infer_gc_ms=gc_sec * 1e3)
     del model, xi
     reset_memory()
     return row
