@@ -378,6 +378,54 @@ for version in registry.versions("depthwise_conv2d_fwd", "numba_cuda"):
 # SparX-Mamba-T's large maps; over all of one training step's shapes, 13.4 ms against 43.4 ms.
 
 # %% [markdown]
+# ## 6. When the GPU waits for Python: launch plans
+#
+# A small kernel runs for tens of microseconds, and a SparX-Mamba-T training step makes about
+# 140 calls of them. If each call spends hundreds of microseconds in Python (checking shapes,
+# picking a grid and a compiled module, wrapping tensors as CuPy arrays, allocating), the GPU
+# sits idle between kernels: the step is *host-bound*, and a faster kernel changes nothing.
+#
+# Most of that work depends only on the shapes. So the CuPy wrappers split it off into a
+# **plan** (`sparx_ref.kernels.cupy._plan`): the buffers a call allocates and the launches it
+# makes, where every pointer argument is a buffer *name*. A plan is built once per shape;
+# running it allocates the buffers and replaces each name with a device address. The PyTorch
+# twins run the same plans with `torch.empty` buffers and `Tensor.data_ptr()` addresses, so no
+# CuPy array is ever built. Below, a plan drives a stand-in "kernel" that records its launches
+# (no GPU needed), with NumPy arrays playing the buffers.
+
+# %%
+from sparx_ref.kernels.cupy._plan import Launch, Plan, run as run_plan
+
+launched = []
+
+
+def recording_kernel(grid, block, args, shared_mem=0):
+    launched.append((grid, block, args))
+
+
+def address(a):
+    return a.__array_interface__["data"][0]
+
+
+# y = a * x + b in two launches through a scratch buffer "ax"
+demo_plan = Plan(np.dtype(np.float32), (("ax", (4,)), ("y", (4,))),
+                 (Launch(recording_kernel, (1,), (32,), ("x", "ax", np.float32(2.0))),
+                  Launch(recording_kernel, (1,), (32,), ("ax", "y", np.float32(1.0)))))
+for call in range(2):
+    x_call = np.full(4, call, np.float32)
+    bufs = run_plan(demo_plan, {"x": x_call}, np.empty, np.zeros, address)
+    first, second = launched[-2:]
+    assert first[2][0] == address(x_call) and first[2][1] == address(bufs["ax"])
+    assert second[2][:2] == (address(bufs["ax"]), address(bufs["y"]))
+    print(f"call {call}: launch 1 args {first[2][:2]} + {first[2][2]!r}, launch 2 args {second[2][:2]}")
+
+# %% [markdown]
+# Same launches, new addresses each call; nothing else is decided twice. On an H200 this took
+# a small depthwise convolution's forward+backward from 784 us of host time to 256 us
+# (PyTorch's own convolution: 213 us), and a SparX-Mamba-T training step from host-bound to
+# within about 15% of its GPU time (`benchmarks/RESULTS.md`, "Whole models").
+
+# %% [markdown]
 # ## Timings
 #
 # Under the simulator, times measure Python threads, not a GPU: they are not printed. On a
@@ -409,6 +457,8 @@ else:
 # - Reuse beats re-reading: the depthwise `strip` kernel loads each input row once per four
 #   outputs, and its backward gets the input gradient from the forward kernel itself (the
 #   convolution's adjoint is the flipped filter).
+# - A fast kernel needs a cheap call: plans decide grids, modules and buffers once per shape,
+#   so a call only allocates and launches.
 # - Every version, ours and the registered ones, is checked against the float64 oracle with
 #   the kernel tolerance of `sparx_ref.tolerances`.
 # - A Numba trap worth knowing: Numba types integer indices as signed 64-bit and, for every
