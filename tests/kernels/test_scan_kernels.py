@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from sparx_ref import kernels
 from sparx_ref.kernels._scan_common import poison_outputs
+from sparx_ref.kernels.cupy._plan import clear_plan_caches
 from sparx_ref.ref import scan as ref_scan
 from sparx_ref.ref import ss2d as ref_ss2d
 from sparx_ref.testing import assert_all_close, assert_close
@@ -471,6 +472,8 @@ class _FakeKernel:
             if isinstance(a, np.ndarray):
                 assert a.dtype == np.float32 and a.flags.c_contiguous, self.name
                 conv.append(ctypes.c_void_p(a.ctypes.data))
+            elif type(a) is int:           # an address: launch plans pass buffers as plain ints
+                conv.append(ctypes.c_void_p(a))
             elif isinstance(a, (np.floating, float)):
                 conv.append(ctypes.c_float(a))
             else:
@@ -514,12 +517,14 @@ def cuda_c_on_cpu(module, root):
 
     saved_modules, saved_cupy = dict(module._MODULES), sys.modules.get("cupy")
     module._MODULES.clear()
+    clear_plan_caches()                    # plans hold kernels: none may cross into or out of here
     sys.modules["cupy"] = _FakeCupy(build)
     try:
         yield module
     finally:
         module._MODULES.clear()
         module._MODULES.update(saved_modules)
+        clear_plan_caches()
         if saved_cupy is None:
             del sys.modules["cupy"]
         else:

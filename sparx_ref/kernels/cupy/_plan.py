@@ -19,6 +19,7 @@ A wrapper that can be replayed this way carries its plan builder as ``fn.plan`` 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,8 +66,28 @@ def run(plan: Plan, given: dict, empty: Callable, zeros: Callable, address: Call
 
 
 def cupy_address(a) -> int:
-    """Device address of a CuPy array's first element."""
-    return a.data.ptr
+    """Device address of a CuPy array's first element (the kernel tests' CPU stand-in for CuPy
+    hands NumPy arrays: their data address)."""
+    ptr = getattr(getattr(a, "data", None), "ptr", None)
+    return ptr if ptr is not None else a.__array_interface__["data"][0]
+
+
+_PLAN_CACHES: list = []
+
+
+def plan_cache(builder: Callable) -> Callable:
+    """Decorator: memoise a plan builder (its arguments are shapes, dtypes and flags). The plans
+    hold compiled kernels, so every such cache is emptied with the modules' kernel caches by
+    :func:`clear_plan_caches` (the kernel tests swap CuPy for a CPU stand-in and back)."""
+    cached = functools.lru_cache(maxsize=None)(builder)
+    _PLAN_CACHES.append(cached)
+    return cached
+
+
+def clear_plan_caches() -> None:
+    """Forget every plan built so far (they are rebuilt, with freshly looked-up kernels, on use)."""
+    for cached in _PLAN_CACHES:
+        cached.cache_clear()
 
 
 def run_on_cupy(plan: Plan, given: dict, empty: Callable) -> dict:

@@ -48,7 +48,7 @@ import math
 
 import numpy as np
 
-from ._plan import Launch, Plan, replayable, run_on_cupy
+from ._plan import Launch, Plan, plan_cache, replayable, run_on_cupy
 
 __all__ = [
     "window_attention_fwd", "window_attention_bwd", "dmca_attention_fwd", "dmca_attention_bwd",
@@ -1271,7 +1271,7 @@ def _dmca_inputs(q, k, v, groups):
     return q, k, v, int(groups), dims
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def dmca_fwd_plan(version, dims, groups, dtype):
     """The :class:`._plan.Plan` of a forward: dims = (B, C, Ls, L); inputs "q", "k" (B, C, Ls),
     "v" (B, C, L); output buffers "attn" (B, groups, g, g) and "out" (B, C, L)."""
@@ -1288,7 +1288,7 @@ def dmca_fwd_plan(version, dims, groups, dtype):
     return Plan(dtype, (("attn", (B, G, g, g)), ("out", (B, C, L))), launches)
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def dmca_bwd_plan(version, dims, groups, dtype):
     """The plan of a backward: inputs "q", "k", "v", "attn" (the forward's) and "dout" (B, C, L);
     output buffers "dq", "dk" (B, C, Ls), "dv" (B, C, L), scratch "dS" (B, groups, g, g)."""

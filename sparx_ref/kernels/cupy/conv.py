@@ -37,7 +37,7 @@ import functools
 import numpy as np
 
 from .._conv_common import MAX_KERNEL, STRIP, THREADS, batch_slices, conv_dims
-from ._plan import Launch, Plan, replayable, run_on_cupy
+from ._plan import Launch, Plan, plan_cache, replayable, run_on_cupy
 from .attention import _device, _same_dtype, _shape
 
 __all__ = ["depthwise_conv2d_fwd", "depthwise_conv2d_bwd", "depthwise_conv2d_fwd_naive",
@@ -345,7 +345,7 @@ def _correlate_launch(version, src, weight, bias, flip, out, dims, dtype):
         src, weight, bias_arg, _i(has_bias), _i(flip), out, _u(items), _u(C), _u(H), _u(W), _u(nq)))
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def fwd_plan(version, dims, dtype, has_bias):
     """The :class:`._plan.Plan` of a forward: inputs "x" (B, C, H, W), "weight" (C, kh*kw) and,
     if has_bias, "bias" (C,); output buffer "out" (B, C, H, W). dims = (B, C, H, W, kh, kw)."""
@@ -356,7 +356,7 @@ def fwd_plan(version, dims, dtype, has_bias):
     return Plan(dtype, (("out", (B, C, H, W)),), launches)
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def bwd_plan(version, dims, dtype, has_bias):
     """The plan of a backward: inputs "x", "weight" (as in :func:`fwd_plan`) and "dout"; output
     buffers "dx" (B, C, H, W), "dweight" (C, 1, kh, kw) and, if has_bias, "dbias" (C,)."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from .._scan_common import (K_DIRECTIONS, check_dtype, check_dy, check_merge_shapes, poisoning,
                             scan_cache, scan_shapes, ss2d_shapes)
-from ._plan import Launch, Plan, replayable, run_on_cupy
+from ._plan import Launch, Plan, plan_cache, replayable, run_on_cupy
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "cross_scan", "cross_merge",
            "ss2d_scan_fwd", "ss2d_scan_bwd"]
@@ -1270,7 +1270,7 @@ def _launch_2d_spec(name, src, dst, batch, C, H, W, version):
     return Launch(_kernel(name + "_naive"), ((total + 255) // 256,), (256,), (src, dst, _i(batch), _i(C), _i(H), _i(W)))
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def cross_scan_plan(version, dims):
     """The :class:`._plan.Plan` of a cross-scan of a (batch, C, H, W) = dims map: input "x",
     output buffer "xs" (batch, 4, C, H*W)."""
@@ -1279,7 +1279,7 @@ def cross_scan_plan(version, dims):
                 (_launch_2d_spec("cross_scan", "x", "xs", batch, C, H, W, version),))
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def cross_merge_plan(version, dims):
     """The plan of a cross-merge into a (batch, C, H, W) = dims map: input "ys"
     (batch, 4, C, H*W), output buffer "y" (batch, C, H, W)."""
@@ -1351,7 +1351,7 @@ def composed_bwd_plan(dims, delta_softplus, has_D, has_bias, aligned):
                               bool(aligned))
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def _composed_bwd_plan(dims, delta_softplus, has_D, has_bias, aligned):
     batch, Di, H, W, N = dims
     K, KD, L = K_DIRECTIONS, K_DIRECTIONS * Di, H * W

@@ -39,12 +39,10 @@ above the device's opt-in limit the composed version runs instead.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from .._scan_common import K_DIRECTIONS, scan_cache, ss2d_shapes
-from ._plan import Launch, Plan, replayable, run_on_cupy
+from ._plan import Launch, Plan, plan_cache, replayable, run_on_cupy
 from .scan import _dev, _empty, _max_shared, ss2d_scan_fwd_composed
 
 __all__ = ["ss2d_scan_fwd_quad"]
@@ -339,7 +337,7 @@ def quad_plan(dims, delta_softplus, has_D, has_bias, aligned):
                       bool(aligned), _ALLOW_VEC["on"], _shared_cap())
 
 
-@functools.lru_cache(maxsize=None)
+@plan_cache
 def _quad_plan(dims, delta_softplus, has_D, has_bias, aligned, allow_vec, shared_cap):
     batch, Di, H, W, N = dims
     P = W | 1
