@@ -328,3 +328,20 @@ def test_numba_depthwise_conv_strip_ptx_has_no_local_memory(kernel, k):
     res = _linked_resources(ptx, name, fn.__name__)
     print(name, res)
     assert res is None or (res and res[0].get("frame", 0) == 0), (name, res)
+
+
+# --- group normalisation (sparx_ref/kernels/cupy/norm.py): both dtypes compile; the float32 module
+# does no double arithmetic (a stray double constant would halve its throughput on most cards),
+# and nothing spills.
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_group_norm_cuda_compiles_without_spills_or_stray_doubles(dtype):
+    from sparx_ref.kernels.cupy.norm import CUDA_SOURCES, nvrtc_options
+    opts = nvrtc_options(dtype)[1:]                # _nvrtc passes -std=c++17 itself
+    src = CUDA_SOURCES["group_norm"]
+    ptx = _nvrtc(src, "group_norm", opts)
+    assert ".local" not in ptx, opts
+    assert (".f64" in ptx) == (dtype == "float64"), opts
+    info = _cubin_kernel_resources(_nvrtc(src, "group_norm", opts, arch="sm_90", output="cubin"))
+    for kernel in ("gn_plane_moments", "gn_row_stats", "gn_normalize", "gn_bwd_plane_sums", "gn_bwd_reduce",
+                   "gn_bwd_dx"):
+        assert info[kernel].get("frame", 0) == 0 and info[kernel]["regs"] <= 65536 // 256, (kernel, info[kernel])

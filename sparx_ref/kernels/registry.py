@@ -199,6 +199,19 @@ _TABLE += [
 ]
 
 
+# --- group normalisation (issue 7: SparX-Mamba's ~50 GroupNorm(1, C) a forward). PyTorch computes
+# the statistics with one block per (sample, group), 64 blocks at batch 64; these kernels split
+# them over (sample, channel) planes. CuPy only: through launch plans a call costs the twins tens
+# of microseconds of host time, where Numba's array path would cost hundreds.
+_TABLE += [
+    Entry("group_norm_fwd", "cupy", "plane", "sparx_ref.kernels.cupy.norm:group_norm_fwd", True,
+          "a warp per (sample, channel) plane: its mean and M2 in two passes; the group's planes "
+          "combined exactly (Chan); then one thread per element normalises"),
+    Entry("group_norm_bwd", "cupy", "plane", "sparx_ref.kernels.cupy.norm:group_norm_bwd", True,
+          "a warp per plane sums dy and dy * xhat; per channel over the batch in order (dweight, "
+          "dbias) and per group with the weights; then one thread per element writes dx"),
+]
+
 def entries(op: str | None = None, backend: str | None = None) -> list[Entry]:
     """All table rows, optionally filtered by op and/or backend."""
     return [e for e in _TABLE if (op is None or e.op == op) and (backend is None or e.backend == backend)]

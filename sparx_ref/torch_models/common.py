@@ -105,10 +105,21 @@ def get_kernels(kernel_backend: str) -> TorchKernels:
 
 # ----------------------------------------------------------------------------- layers
 class GroupNorm1(nn.GroupNorm):
-    """GroupNorm with one group: per sample over all of (C, H, W) (released ``GroupNorm``)."""
+    """GroupNorm with one group: per sample over all of (C, H, W) (released ``GroupNorm``).
+    Same parameters and state_dict keys as ``nn.GroupNorm(1, C)``; its forward runs on the
+    model's kernel backend (``kernel_backend``, set by :func:`.ops.set_kernel_backend`), "torch"
+    being ``nn.GroupNorm.forward`` itself. x (B, C, H, W) -> (B, C, H, W)."""
+
+    kernel_backend = "torch"
 
     def __init__(self, num_channels, eps=1e-5):
         super().__init__(num_groups=1, num_channels=num_channels, eps=eps)
+
+    def forward(self, x):
+        if self.kernel_backend == "torch":
+            return super().forward(x)
+        from .ops import group_norm  # ops imports this module: import at call time
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, backend=self.kernel_backend)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -16,6 +16,8 @@ window_attention    q, k, v (Bw, heads, N, hd); bias (heads, N, N); mask   windo
 dmca_attention      q, k (B, C, Ls); v (B, C, L); groups -> (out, attn)    dmca_attention_fwd / _bwd
 depthwise_conv2d    x (B, C, H, W); weight (C, 1, kh, kw), kh, kw odd;     depthwise_conv2d_fwd / _bwd
                     bias (C,) or None -> (B, C, H, W) (stride 1, "same")
+group_norm          x (B, C, *spatial); weight, bias (C,) or None;          group_norm_fwd / _bwd
+                    num_groups, eps -> x.shape
 ==================  =====================================================  ==========================
 
 ``backend="torch"`` is plain PyTorch (differentiated by autograd; the scan is a Python loop
@@ -44,7 +46,7 @@ kernel's own backward. Tensors cross over without a copy:
   (``cupy.from_dlpack`` / ``torch.from_dlpack``) remains the fallback for anything else.
   Kernels whose CuPy wrapper carries a launch plan (``fn.plan``, see
   :mod:`sparx_ref.kernels.cupy._plan`: the depthwise convolution, the 2-D scan, DMCA, the
-  cross-scan/merge) skip the CuPy arrays altogether: the ``Planned*`` Functions below replay the
+  cross-scan/merge, group normalisation) skip the CuPy arrays altogether: the ``Planned*`` Functions below replay the
   plan's launches with ``torch.empty`` buffers and ``data_ptr()`` arguments on PyTorch's current
   stream, a few tens of microseconds of host time a call instead of hundreds.
 
@@ -55,7 +57,7 @@ fewer) and one device. A backend whose runtime is missing raises
 ``ValueError``; bad dtypes ``TypeError``.
 
 An op with no kernel registered for a backend (window and DMCA attention have no
-``numba_cpu`` kernels) runs its plain-torch form on that backend; :func:`describe` says, per
+``numba_cpu`` kernels; group normalisation has CuPy kernels only) runs its plain-torch form on that backend; :func:`describe` says, per
 op, which kernel (and version) or "torch" a backend uses.
 
 Models choose the backend once: ``sparx_ref.torch_models.build_model(name,
@@ -90,6 +92,7 @@ KERNEL_OPS = {
     "window_attention": ("window_attention_fwd", "window_attention_bwd"),
     "dmca_attention": ("dmca_attention_fwd", "dmca_attention_bwd"),
     "depthwise_conv2d": ("depthwise_conv2d_fwd", "depthwise_conv2d_bwd"),
+    "group_norm": ("group_norm_fwd", "group_norm_bwd"),
 }
 
 _DEVICE_TYPE = {"numba_cpu": "cpu", "numba_cuda": "cuda", "cupy": "cuda"}
@@ -132,6 +135,11 @@ def depthwise_conv2d_torch(x, weight, bias=None):
     return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 
 
+def group_norm_torch(x, weight, bias, num_groups, eps=1e-5):
+    """``F.group_norm(x, num_groups, weight, bias, eps)``: x.shape."""
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
 def dmca_attention_torch(q, k, v, groups=4):
     """DMCA channel attention: q, k (B, C, Ls); v (B, C, L) -> (out (B, C, L),
     attn (B, groups, g, g)); per image and group softmax(q_g k_g^T / sqrt(Ls)) v_g."""
@@ -149,6 +157,7 @@ _TORCH_FORMS = {
     "ss2d_scan": ss2d_scan_torch,
     "window_attention": window_attention_torch,
     "dmca_attention": dmca_attention_torch,
+    "group_norm": group_norm_torch,
 }
 
 
@@ -709,6 +718,49 @@ class PlannedDepthwiseConv2dFn(torch.autograd.Function):
                      for name, need in zip(("dx", "dweight", "dbias"), ctx.needs_input_grad))
 
 
+class GroupNormFn(torch.autograd.Function):
+    """Group normalisation on a kernel backend (array path); backward = the kernel's."""
+
+    @staticmethod
+    def forward(ctx, backend, num_groups, eps, x, weight, bias):
+        device = _check_tensors("group_norm", backend, dict(x=x, weight=weight, bias=bias))
+        (out, cache), rt = _call_fwd(ctx, "group_norm", backend, device, (x, weight, bias, num_groups, eps), {})
+        ctx.cache = cache
+        return rt.unwrap(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _input_grads(ctx, _call_bwd(ctx, dout), ("x", "weight", "bias"), leading=3)
+
+
+class PlannedGroupNormFn(torch.autograd.Function):
+    """Group normalisation on CuPy through launch plans; saves x, weight and the forward's
+    per-(sample, group) mean and rstd for the backward."""
+
+    @staticmethod
+    def forward(ctx, num_groups, eps, x, weight, bias):
+        from ..kernels._norm_common import group_norm_dims
+        device = _check_tensors("group_norm", "cupy", dict(x=x, weight=weight, bias=bias))
+        x, weight, bias = _contiguous(x, weight, bias)
+        B, C, S, G = dims = group_norm_dims(x, weight, bias, num_groups, check_shape)
+        plan = _planner("group_norm", "cupy", 0)(dims, _NUMPY_DTYPE[x.dtype], weight is not None, bias is not None,
+                                                  float(eps))
+        bufs = _run_plan(plan, device, x=x.view(B, C, S), weight=weight, bias=bias)
+        ctx.save_for_backward(x, weight, bufs["mean"], bufs["rstd"])
+        ctx.dims, ctx.has_bias = dims, bias is not None
+        return bufs["out"].view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, mean, rstd = ctx.saved_tensors
+        B, C, S, G = ctx.dims
+        plan = _planner("group_norm", "cupy", 1)(ctx.dims, _NUMPY_DTYPE[x.dtype], weight is not None, ctx.has_bias)
+        g = _run_plan(plan, x.device, x=x.view(B, C, S), weight=weight, mean=mean, rstd=rstd,
+                      dout=dout.contiguous().view(B, C, S))
+        grads = (g["dx"].view(x.shape), g.get("dweight"), g.get("dbias"))
+        return (None, None) + tuple(t if need else None for t, need in zip(grads, ctx.needs_input_grad[2:]))
+
+
 class PlannedCrossScanFn(torch.autograd.Function):
     """cross_scan on CuPy through launch plans; backward = the cross_merge plan (its adjoint)."""
 
@@ -899,6 +951,17 @@ def depthwise_conv2d(x, weight, bias=None, *, backend="torch"):
     return DepthwiseConv2dFn.apply(backend, x, weight, bias)
 
 
+def group_norm(x, weight, bias, num_groups, eps=1e-5, *, backend="torch"):
+    """x (B, C, *spatial); weight, bias (C,) or None; ``num_groups`` dividing C -> x.shape:
+    ``F.group_norm(x, num_groups, weight, bias, eps)`` (biased variance per sample and group).
+    The kernels need at least one spatial axis."""
+    if not uses_kernel("group_norm", backend):
+        return group_norm_torch(x, weight, bias, num_groups, eps)
+    if uses_plans("group_norm", backend):
+        return PlannedGroupNormFn.apply(num_groups, eps, x, weight, bias)
+    return GroupNormFn.apply(backend, num_groups, eps, x, weight, bias)
+
+
 def kernel_table(backend: str):
     """The :class:`.common.TorchKernels` row of ``backend`` (the table SparX-Mamba and the
     torch DMCA call): scan, cross-scan/merge and channel attention routed through this module."""
@@ -932,6 +995,7 @@ def set_kernel_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:
 
 __all__ = ["BACKENDS", "KERNEL_OPS", "check_backend", "uses_kernel", "describe", "selective_scan",
            "cross_scan", "cross_merge", "ss2d_scan", "window_attention", "dmca_attention", "depthwise_conv2d",
+           "group_norm", "GroupNormFn", "PlannedGroupNormFn", "group_norm_torch",
            "kernel_table", "set_kernel_backend", "share_torch_memory_with_numba",
            "SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
            "DMCAAttentionFn", "DepthwiseConv2dFn", "PlannedDepthwiseConv2dFn", "PlannedSS2DScanFn",

@@ -109,7 +109,11 @@ class SparXSS2D(nn.Module):
             # so project u once with all K matrices (K*(R+2N) channels, a fraction of Di) and
             # cross-scan that small map: direction k's copy of the projections of direction k is
             # x_dbl[:, k]. The (B, K, Di, L) copy of u and its gradient are never formed.
-            proj = torch.matmul(x_proj.reshape(K * (R + 2 * N), D), u.reshape(B, D, L))   # (B, K*(R+2N), L)
+            # bmm against the weight expanded over the batch (a stride-0 view, no copy): a plain
+            # matmul of a matrix with a batch folds the batch into rows, which transposes u into a
+            # (B, L, Di) copy in the forward and hands back a channels-last gradient of u.
+            proj_w = x_proj.reshape(K * (R + 2 * N), D)
+            proj = torch.bmm(proj_w.expand(B, -1, -1), u.reshape(B, D, L))      # (B, K*(R+2N), L)
             xs_proj = self.kernels.cross_scan(proj.reshape(B, K * (R + 2 * N), H, W))     # (B, K, K*(R+2N), L)
             x_dbl = torch.diagonal(xs_proj.reshape(B, K, K, R + 2 * N, L), dim1=1, dim2=2)  # (B, R+2N, L, K)
             x_dbl = x_dbl.permute(0, 3, 1, 2)                                    # (B, K, R+2N, L)

@@ -59,7 +59,8 @@ def test_replayable_marks_the_function():
 # The kernels the SparX-Mamba twin calls on every step (cross_scan feeds its x_proj): their CuPy defaults must be replayable,
 # or the twin silently takes the slower CuPy-array route (tests/torch_models checks the route).
 PLANNED_OPS = ("depthwise_conv2d_fwd", "depthwise_conv2d_bwd", "ss2d_scan_fwd", "ss2d_scan_bwd",
-               "dmca_attention_fwd", "dmca_attention_bwd", "cross_scan", "cross_merge")
+               "dmca_attention_fwd", "dmca_attention_bwd", "cross_scan", "cross_merge", "group_norm_fwd",
+               "group_norm_bwd")
 
 
 @pytest.mark.parametrize("op", PLANNED_OPS)

@@ -40,6 +40,7 @@ REF_KERNELS = {
     "window_attention_fwd": ref_wa.window_attention_fwd, "window_attention_bwd": ref_wa.window_attention_bwd,
     "dmca_attention_fwd": ref_dmca.dmca_attention_fwd, "dmca_attention_bwd": ref_dmca.dmca_attention_bwd,
     "depthwise_conv2d_fwd": ref_layers.depthwise_conv2d_fwd, "depthwise_conv2d_bwd": ref_layers.depthwise_conv2d_bwd,
+    "group_norm_fwd": ref_layers.group_norm_fwd, "group_norm_bwd": ref_layers.group_norm_bwd,
 }
 
 
@@ -97,6 +98,9 @@ def op_inputs(op, rng, dtype=torch.float64, device="cpu", tiny=False):
     if op == "depthwise_conv2d":
         kh, kw = (3, 3) if tiny else (3, 5)
         return (mk(b, Di, H, W), mk(Di, 1, kh, kw), mk(Di)), {}
+    if op == "group_norm":   # two groups of Di channels, x off zero mean
+        x = (3.0 + mk(b, 2 * Di, H, W, grad=False)).detach().requires_grad_(True)
+        return (x, mk(2 * Di), mk(2 * Di), 2), {}
     raise KeyError(op)
 
 
@@ -182,6 +186,11 @@ def test_torch_forms_match_oracle(rng):
     np_args = [a.detach().numpy() for a in args]
     out_ref, _ = ref_layers.depthwise_conv2d_fwd(*np_args)
     assert_close(ops.depthwise_conv2d(*args), out_ref, "float64", "autograd", "depthwise out")
+
+    args, _ = op_inputs("group_norm", rng)
+    np_args = [a.detach().numpy() if isinstance(a, torch.Tensor) else a for a in args]
+    out_ref, _ = ref_layers.group_norm_fwd(*np_args)
+    assert_close(ops.group_norm(*args), out_ref, "float64", "autograd", "group norm out")
 
 
 def test_torch_backend_is_plain_autograd(rng):
@@ -331,7 +340,8 @@ def test_cupy_results_are_views_of_torch_memory_that_outlive_the_call(rng):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
-@pytest.mark.parametrize("op", ["depthwise_conv2d", "ss2d_scan", "dmca_attention", "cross_scan", "cross_merge"])
+@pytest.mark.parametrize("op", ["depthwise_conv2d", "ss2d_scan", "dmca_attention", "cross_scan", "cross_merge",
+                                "group_norm"])
 def test_cupy_twin_ops_run_launch_plans(op, rng):
     """The ops a SparX-Mamba step calls ~140 times replay CuPy launch plans on tensors (no CuPy
     arrays, tens of microseconds of host time): their autograd node is a Planned Function and
