@@ -48,6 +48,8 @@ def inputs(op):
             {"delta_softplus": True}
     if op == "dmca_attention":
         return (t(2, 64, 16), t(2, 64, 16), t(2, 64, 49)), {"groups": 4}
+    if op == "group_norm":
+        return (t(2, 32, 7, 7), t(32), t(32), 1), {}
     raise KeyError(op)
 
 

@@ -735,7 +735,7 @@ class GroupNormFn(torch.autograd.Function):
 
 class PlannedGroupNormFn(torch.autograd.Function):
     """Group normalisation on CuPy through launch plans; saves x, weight and the forward's
-    per-(sample, group) mean and rstd for the backward."""
+    per-(sample, group) mean and rstd ("stats") for the backward."""
 
     @staticmethod
     def forward(ctx, num_groups, eps, x, weight, bias):
@@ -746,16 +746,16 @@ class PlannedGroupNormFn(torch.autograd.Function):
         plan = _planner("group_norm", "cupy", 0)(dims, _NUMPY_DTYPE[x.dtype], weight is not None, bias is not None,
                                                   float(eps))
         bufs = _run_plan(plan, device, x=x.view(B, C, S), weight=weight, bias=bias)
-        ctx.save_for_backward(x, weight, bufs["mean"], bufs["rstd"])
+        ctx.save_for_backward(x, weight, bufs["stats"])
         ctx.dims, ctx.has_bias = dims, bias is not None
         return bufs["out"].view(x.shape)
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         B, C, S, G = ctx.dims
         plan = _planner("group_norm", "cupy", 1)(ctx.dims, _NUMPY_DTYPE[x.dtype], weight is not None, ctx.has_bias)
-        g = _run_plan(plan, x.device, x=x.view(B, C, S), weight=weight, mean=mean, rstd=rstd,
+        g = _run_plan(plan, x.device, x=x.view(B, C, S), weight=weight, stats=stats,
                       dout=dout.contiguous().view(B, C, S))
         grads = (g["dx"].view(x.shape), g.get("dweight"), g.get("dbias"))
         return (None, None) + tuple(t if need else None for t, need in zip(grads, ctx.needs_input_grad[2:]))

@@ -40,6 +40,28 @@ def test_run_allocates_buffers_and_replaces_names_by_addresses_in_order():
     assert calls[1][2] == (address(bufs["zero"]), address(x)) and calls[1][3] == 128
 
 
+def test_scratch_buffers_share_one_aligned_allocation_and_offsets_address_elements():
+    calls, blocks = [], []
+
+    def kernel(grid, block, args, shared_mem=0):
+        calls.append(args)
+
+    def empty(shape, dtype):
+        blocks.append(np.full(shape, np.nan, dtype))
+        return blocks[-1]
+    # float64: 32 elements per 256-byte step; "a" takes 3 steps (70 elements), "b" one
+    plan = Plan(np.dtype(np.float64), (("out", (5,)),),
+                (Launch(kernel, (1,), (1,), ("a", "b", ("out", 2), ("b", 1))),), scratch=(("a", (7, 10)), ("b", (3,))))
+    assert plan.scratch_layout == (128, (("a", 0), ("b", 768)))
+    bufs = run(plan, {}, empty, np.zeros, address)
+    assert set(bufs) == {"out"}, "scratch is not returned"
+    block = next(b for b in blocks if b.shape == (128,))
+    base = address(block)
+    assert calls == [(base, base + 768, address(bufs["out"]) + 16, base + 768 + 8)]
+    with pytest.raises(ValueError, match="zeroed"):
+        Plan(np.dtype(np.float32), (), (), frozenset({"a"}), (("a", (2,)),))
+
+
 def test_run_refuses_a_launch_naming_an_absent_buffer():
     plan = Plan(np.dtype(np.float32), (), (Launch(lambda *a, **k: None, (1,), (1,), ("bias",)),))
     with pytest.raises(KeyError, match="bias"):

@@ -236,7 +236,6 @@ def test_cupy_group_norm_plans_on_cpu_emulation(emulated_norm, shape, G, with_we
     fwd = run(emulated_norm.fwd_plan(dims, np.float32, with_weight, with_bias, 1e-5),
               {"x": x.reshape(B, C, S), "weight": weight, "bias": bias}, nan, np.zeros, cupy_address)
     bwd = run(emulated_norm.bwd_plan(dims, np.float32, with_weight, with_bias),
-              {"x": x.reshape(B, C, S), "weight": weight, "mean": fwd["mean"], "rstd": fwd["rstd"],
-               "dout": dout.reshape(B, C, S)}, nan, np.zeros, cupy_address)
+              {"x": x.reshape(B, C, S), "weight": weight, "stats": fwd["stats"], "dout": dout.reshape(B, C, S)}, nan, np.zeros, cupy_address)
     grads = {"x": bwd["dx"].reshape(shape), "weight": bwd.get("dweight"), "bias": bwd.get("dbias")}
     check_against_reference(fwd["out"].reshape(shape), grads, x, weight, bias, G, dout, np.float32, "emulated")

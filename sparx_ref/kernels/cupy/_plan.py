@@ -16,6 +16,11 @@ against the reference is what the twins launch.
 
 A wrapper that can be replayed this way carries its plan builder as ``fn.plan`` (see
 :func:`replayable`); its signature is fixed per op and documented there.
+
+Allocations cost host time too (a few microseconds each through PyTorch's caching allocator), so
+the buffers a call only needs while its kernels run (partial sums, transposed copies) are
+*scratch*: one allocation holds them all, each at its own 256-byte aligned offset, and only their
+addresses are handed out.
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ import numpy as np
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``kernel(grid, block, args, shared_mem=shared_mem)`` where each ``str``
-    in ``args`` is a buffer name, replaced by that buffer's device address at run time, and
-    anything else (NumPy scalars) is passed as it is."""
+    in ``args`` is a buffer name, replaced by that buffer's device address at run time, a
+    ``(name, n)`` tuple the address of that buffer's element n, and anything else (NumPy
+    scalars) is passed as it is."""
     kernel: Any
     grid: tuple
     block: tuple
@@ -38,29 +44,62 @@ class Launch:
     shared_mem: int = 0
 
 
+SCRATCH_ALIGN = 256     # bytes: every scratch buffer starts on this boundary (vector loads)
+
+
 @dataclass(frozen=True)
 class Plan:
     """The buffers a call allocates (name, shape; all of ``dtype``) and its launches in order.
     Buffers named in ``zeroed`` must start at zero (the rest start undefined: a kernel writes
-    every element). The names of the call's inputs are not listed: the caller gives them."""
+    every element). ``scratch`` buffers (name, shape) live in one allocation for the duration of
+    the launches and are not returned. The names of the call's inputs are not listed: the caller
+    gives them."""
     dtype: np.dtype
     buffers: tuple[tuple[str, tuple[int, ...]], ...]
     launches: tuple[Launch, ...]
     zeroed: frozenset = field(default_factory=frozenset)
+    scratch: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def __post_init__(self):
+        if self.zeroed & {name for name, _ in self.scratch}:
+            raise ValueError("scratch buffers start undefined: a zeroed buffer must be a plain one")
+        object.__setattr__(self, "scratch_layout", scratch_layout(self.scratch, self.dtype))
+
+
+def scratch_layout(scratch, dtype) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """(elements of the one scratch allocation, ((name, byte offset), ...)): the buffers in order,
+    each starting on a SCRATCH_ALIGN boundary."""
+    item = np.dtype(dtype).itemsize
+    step = SCRATCH_ALIGN // item
+    offsets, at = [], 0
+    for name, shape in scratch:
+        offsets.append((name, at * item))
+        at += -(-int(np.prod(shape, dtype=np.int64)) // step) * step
+    return at, tuple(offsets)
 
 
 def run(plan: Plan, given: dict, empty: Callable, zeros: Callable, address: Callable) -> dict:
-    """Allocate ``plan``'s buffers (``empty(shape, dtype)``, or ``zeros`` for the zeroed ones),
-    then launch its kernels on the current CuPy stream with every buffer name replaced by
-    ``address(buffer)``. ``given`` maps the names of the inputs to their arrays (None for an
-    absent optional input: no launch may name it). Returns ``given`` and the new buffers by name."""
+    """Allocate ``plan``'s buffers (``empty(shape, dtype)``, or ``zeros`` for the zeroed ones)
+    and its scratch block, then launch its kernels on the current stream with every buffer name
+    replaced by ``address(buffer)``. ``given`` maps the names of the inputs to their arrays (None
+    for an absent optional input: no launch may name it). Returns ``given`` and the new buffers by
+    name (not the scratch: it is released once the launches are queued, which the stream-ordered
+    allocators of PyTorch and CuPy make safe)."""
     bufs = dict(given)
     for name, shape in plan.buffers:
         bufs[name] = (zeros if name in plan.zeroed else empty)(shape, plan.dtype)
     addresses = {name: address(a) for name, a in bufs.items() if a is not None}
+    if plan.scratch:
+        total, offsets = plan.scratch_layout
+        block = empty((total,), plan.dtype)
+        base = address(block)
+        for name, offset in offsets:
+            addresses[name] = base + offset
+    item = plan.dtype.itemsize
     for launch in plan.launches:
         launch.kernel(launch.grid, launch.block,
-                      tuple(addresses[a] if type(a) is str else a for a in launch.args),
+                      tuple(addresses[a] if type(a) is str else
+                            addresses[a[0]] + a[1] * item if type(a) is tuple else a for a in launch.args),
                       shared_mem=launch.shared_mem)
     return bufs
 

@@ -1305,8 +1305,8 @@ def dmca_bwd_plan(version, dims, groups, dtype):
         # dq = dS k / sqrt(Ls) ; dk = dS^T q / sqrt(Ls)
         _bmm_launch(version, dtype, "dS", "k", "dq", BG, g, Ls, g, (g * g, g, 1), (g * Ls, Ls, 1), alpha),
         _bmm_launch(version, dtype, "dS", "q", "dk", BG, g, Ls, g, (g * g, 1, g), (g * Ls, Ls, 1), alpha))
-    return Plan(dtype, (("dq", (B, C, Ls)), ("dk", (B, C, Ls)), ("dv", (B, C, L)), ("dS", (B, G, g, g))),
-                launches)
+    return Plan(dtype, (("dq", (B, C, Ls)), ("dk", (B, C, Ls)), ("dv", (B, C, L))), launches,
+                scratch=(("dS", (B, G, g, g)),))
 
 
 def _dmca_fwd(version, q, k, v, groups):

@@ -364,6 +364,7 @@ def bwd_plan(version, dims, dtype, has_bias):
     B, C, H, W, kh, kw = dims
     kk = kh * kw
     db_arg = "dbias" if has_bias else "dweight"      # never written when has_bias == 0
+    scratch = ()
     buffers = [("dx", (B, C, H, W)), ("dweight", (C, 1, kh, kw))] + ([("dbias", (C,))] if has_bias else [])
     if version == "naive":
         launches = [] if B * H * W == 0 else [_correlate_launch("naive", "dout", "weight", None, 1, "dx", dims, dtype)]
@@ -374,13 +375,13 @@ def bwd_plan(version, dims, dtype, has_bias):
         # bias sums; the last launch adds the slices in order
         slices, per_slice = _slices(B, C)
         nq = (W + STRIP - 1) // STRIP
-        buffers.append(("part", (slices * C * (kk + 1),)))
+        scratch = (("part", (slices * C * (kk + 1),)),)
         launches = [
             Launch(_kernel(dtype, kh, kw, "dw_bwd_strip"), (C, slices), (_THREADS,), (
                 "x", "dout", "weight", "dx", "part", _u(B), _u(C), _u(H), _u(W), _u(nq), _u(per_slice))),
             Launch(_kernel(dtype, kh, kw, "dw_bwd_finish"), _blocks(C * (kk + 1)), (_THREADS,), (
                 "part", "dweight", db_arg, _i(has_bias), _i(slices), _i(C)))]
-    return Plan(dtype, tuple(buffers), tuple(launches))
+    return Plan(dtype, tuple(buffers), tuple(launches), scratch=scratch)
 
 
 def _fwd(version, x, weight, bias):

@@ -260,54 +260,56 @@ def _i(v):
 @plan_cache
 def fwd_plan(dims, dtype, has_weight, has_bias, eps):
     """The :class:`._plan.Plan` of a forward: inputs "x" (B, C, S) and, if present, "weight" and
-    "bias" (C,); output buffers "out" (B, C, S), "mean" and "rstd" (B*G,), scratch "pmean" and
-    "pm2" (B*C,). dims = (B, C, S, G) (:func:`.._norm_common.group_norm_dims`)."""
+    "bias" (C,); output buffers "out" (B, C, S) and "stats" (2, B*G): the mean and rstd of each
+    (sample, group); scratch "pmean" and "pm2" (B*C,). dims = (B, C, S, G)
+    (:func:`.._norm_common.group_norm_dims`)."""
     dtype = np.dtype(dtype)
     B, C, S, G = dims
     P, planes, total = C // G, B * C, B * C * S
     w_arg = "weight" if has_weight else "x"           # never read when the flag is 0
     b_arg = "bias" if has_bias else "x"
-    buffers = (("out", (B, C, S)), ("mean", (B * G,)), ("rstd", (B * G,)), ("pmean", (planes,)),
-               ("pm2", (planes,)))
+    rstd = ("stats", B * G)                           # (buffer, element offset): row 1 of stats
     launches = () if B == 0 else (                   # an empty batch: nothing to launch
         Launch(_kernel(dtype, "gn_plane_moments"), _blocks(planes, PLANES_PER_BLOCK), (THREADS,),
                ("x", "pmean", "pm2", _u(planes), _u(S))),
         Launch(_kernel(dtype, "gn_row_stats"), (B * G,), (THREADS,),
-               ("pmean", "pm2", "mean", "rstd", _u(P), _u(S), dtype.type(eps))),
+               ("pmean", "pm2", "stats", rstd, _u(P), _u(S), dtype.type(eps))),
         Launch(_kernel(dtype, "gn_normalize"), _blocks(total), (THREADS,),
-               ("x", "mean", "rstd", w_arg, b_arg, _i(has_weight), _i(has_bias), "out", _u(total), _u(C),
+               ("x", "stats", rstd, w_arg, b_arg, _i(has_weight), _i(has_bias), "out", _u(total), _u(C),
                 _u(S), _u(P))))
-    return Plan(dtype, buffers, launches)
+    return Plan(dtype, (("out", (B, C, S)), ("stats", (2, B * G))), launches,
+                scratch=(("pmean", (planes,)), ("pm2", (planes,))))
 
 
 @plan_cache
 def bwd_plan(dims, dtype, has_weight, has_bias):
-    """The plan of a backward: inputs "x" (B, C, S), "weight" (if present), "mean", "rstd" (the
-    forward's) and "dout" (B, C, S); output buffers "dx" (B, C, S) and, if present, "dweight" and
-    "dbias" (C,); scratch "sdy", "sdyx" (B*C,), "row_g", "row_gx" (B*G,)."""
+    """The plan of a backward: inputs "x" (B, C, S), "weight" (if present), "stats" (the forward's)
+    and "dout" (B, C, S); output buffers "dx" (B, C, S) and, if present, "dweight" and "dbias"
+    (C,); scratch "sdy", "sdyx" (B*C,), "row_g", "row_gx" (B*G,)."""
     dtype = np.dtype(dtype)
     B, C, S, G = dims
     P, planes, total = C // G, B * C, B * C * S
-    buffers = [("dx", (B, C, S)), ("sdy", (planes,)), ("sdyx", (planes,)), ("row_g", (B * G,)),
-               ("row_gx", (B * G,))]
+    rstd = ("stats", B * G)
+    buffers = [("dx", (B, C, S))]
     buffers += [("dweight", (C,))] if has_weight else []
     buffers += [("dbias", (C,))] if has_bias else []
-    w_arg = "weight" if has_weight else "sdy"         # never read / written when the flag is 0
-    dw_arg = "dweight" if has_weight else "sdy"
-    db_arg = "dbias" if has_bias else "sdy"
+    w_arg = "weight" if has_weight else "dx"          # never read / written when the flag is 0
+    dw_arg = "dweight" if has_weight else "dx"
+    db_arg = "dbias" if has_bias else "dx"
     chan_blocks = _blocks(C)[0]
     launches = [] if B == 0 else [
         Launch(_kernel(dtype, "gn_bwd_plane_sums"), _blocks(planes, PLANES_PER_BLOCK), (THREADS,),
-               ("x", "dout", "mean", "rstd", "sdy", "sdyx", _u(planes), _u(S), _u(P)))]
+               ("x", "dout", "stats", rstd, "sdy", "sdyx", _u(planes), _u(S), _u(P)))]
     # with B == 0 only the channel blocks run: they write zero weight and bias gradients
     launches.append(Launch(_kernel(dtype, "gn_bwd_reduce"), (chan_blocks + B * G,), (THREADS,),
                            ("sdy", "sdyx", w_arg, _i(has_weight), _i(has_bias), dw_arg, db_arg, "row_g", "row_gx",
                             _u(B), _u(C), _u(P), _u(chan_blocks))))
     if B:
         launches.append(Launch(_kernel(dtype, "gn_bwd_dx"), _blocks(total), (THREADS,),
-                               ("x", "dout", "mean", "rstd", w_arg, _i(has_weight), "row_g", "row_gx", "dx",
+                               ("x", "dout", "stats", rstd, w_arg, _i(has_weight), "row_g", "row_gx", "dx",
                                 _u(total), _u(C), _u(S), _u(P))))
-    return Plan(dtype, tuple(buffers), tuple(launches))
+    scratch = (("sdy", (planes,)), ("sdyx", (planes,)), ("row_g", (B * G,)), ("row_gx", (B * G,)))
+    return Plan(dtype, tuple(buffers), tuple(launches), scratch=scratch)
 
 
 def _check_inputs(x, weight, bias, num_groups):
@@ -327,13 +329,13 @@ def _check_inputs(x, weight, bias, num_groups):
 def group_norm_fwd(x, weight, bias, num_groups, eps=1e-5):
     """``x (B, C, *spatial)``, ``weight``/``bias (C,)`` or None, ``num_groups`` dividing C ->
     ``(out (x.shape), cache)``; the cache holds x, weight and the per-(sample, group) mean and
-    rstd (B*G,) for :func:`group_norm_bwd`."""
+    rstd ("stats", (2, B*G)) for :func:`group_norm_bwd`."""
     x, weight, bias, dtype, dims = _check_inputs(x, weight, bias, num_groups)
     B, C, S, G = dims
     plan = fwd_plan(dims, dtype, weight is not None, bias is not None, float(eps))
     bufs = run_on_cupy(plan, {"x": x.reshape(B, C, S), "weight": weight, "bias": bias}, _empty)
-    cache = {"x": x.reshape(B, C, S), "weight": weight, "has_bias": bias is not None, "mean": bufs["mean"],
-             "rstd": bufs["rstd"], "dims": dims, "dtype": dtype, "shape": tuple(x.shape)}
+    cache = {"x": x.reshape(B, C, S), "weight": weight, "has_bias": bias is not None, "stats": bufs["stats"],
+             "dims": dims, "dtype": dtype, "shape": tuple(x.shape)}
     return bufs["out"].reshape(x.shape), cache
 
 
@@ -350,6 +352,6 @@ def group_norm_bwd(dout, cache):
     if dout.dtype != dtype:
         raise TypeError(f"dout has dtype {dout.dtype} but the forward ran in {np.dtype(dtype).name}")
     plan = bwd_plan(dims, dtype, weight is not None, has_bias)
-    bufs = run_on_cupy(plan, {"x": cache["x"], "weight": weight, "mean": cache["mean"], "rstd": cache["rstd"],
+    bufs = run_on_cupy(plan, {"x": cache["x"], "weight": weight, "stats": cache["stats"],
                               "dout": dout.reshape(B, C, S)}, _empty)
     return {"x": bufs["dx"].reshape(cache["shape"]), "weight": bufs.get("dweight"), "bias": bufs.get("dbias")}

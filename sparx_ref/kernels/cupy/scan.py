@@ -1367,7 +1367,10 @@ def _composed_bwd_plan(dims, delta_softplus, has_D, has_bias, aligned):
              if given]
     jobs += [("partB", "dB", batch * K, nblk, N * L), ("partC", "dC", batch * K, nblk, N * L)]
     zeroed = [name for name, given in (("D0", has_D), ("delta_bias0", has_bias)) if not given]
-    buffers = (("xs", (batch, KD, L)), ("dys", (batch, KD, L))) + scan_buffers + (
+    # everything but the gradients is scratch (one allocation): the cross-scanned x and dy, the
+    # scan's round-entry states, du and the partial sums
+    scratch = (("xs", (batch, KD, L)), ("dys", (batch, KD, L))) + tuple(b for b in scan_buffers if b[0] != "ddelta")
+    buffers = tuple(b for b in scan_buffers if b[0] == "ddelta") + (
         ("dA", (KD, N)), ("dB", (batch, K, N, L)), ("dC", (batch, K, N, L)), ("dx", (batch, Di, H, W)))
     buffers += tuple((out, (KD,)) for _, out, *_ in jobs[1:-2]) + tuple((z, (KD,)) for z in zeroed)
     launches = (_launch_2d_spec("cross_scan", "x", "xs", batch, Di, H, W, "tiled"),
@@ -1375,7 +1378,7 @@ def _composed_bwd_plan(dims, delta_softplus, has_D, has_bias, aligned):
                 scan_launch,
                 _sum_middle_launch(jobs),
                 _launch_2d_spec("cross_merge", "du", "dx", batch, Di, H, W, "tiled"))
-    return Plan(np.dtype(np.float32), buffers, launches, frozenset(zeroed))
+    return Plan(np.dtype(np.float32), buffers, launches, frozenset(zeroed), scratch)
 
 
 @replayable(composed_bwd_plan)
