@@ -518,12 +518,30 @@ def _run_plan(plan, device: torch.device, **given):
 
     def zeros(shape, _dtype):
         return torch.zeros(shape, dtype=dtype, device=device)
+    driver = _driver_launches()
+    if driver is not None and _cupy_device() == device.index:
+        return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr, driver, _current_stream_ptr(device.index))
     stream = _cupy_stream(device.index)
     if stream is _NO_CONTEXT and _cupy_device() == device.index:
         return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr)
     import cupy
     with cupy.cuda.Device(device.index), stream:
         return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr)
+
+
+_DRIVER: list = []
+
+
+def _driver_launches():
+    """The process's :class:`..kernels.cupy._plan.DriverLaunches`, or None where the CUDA driver
+    library cannot be loaded (the plans then launch through CuPy's kernel objects)."""
+    if not _DRIVER:
+        from ..kernels.cupy import _plan as plans
+        try:
+            _DRIVER.append(plans.DriverLaunches())
+        except OSError:
+            _DRIVER.append(None)
+    return _DRIVER[0]
 
 
 def _cupy_device() -> int:

@@ -17,6 +17,11 @@ against the reference is what the twins launch.
 A wrapper that can be replayed this way carries its plan builder as ``fn.plan`` (see
 :func:`replayable`); its signature is fixed per op and documented there.
 
+The launches themselves go through CuPy's kernel objects, which convert every argument on every
+call (some 20 microseconds a launch with a dozen arguments). :class:`DriverLaunches` instead
+packs each launch's arguments into C storage once and, per call, only writes the buffer
+addresses into it and calls the driver's ``cuLaunchKernel``; the twins use it on the GPU.
+
 Allocations cost host time too (a few microseconds each through PyTorch's caching allocator), so
 the buffers a call only needs while its kernels run (partial sums, transposed copies) are
 *scratch*: one allocation holds them all, each at its own 256-byte aligned offset, and only their
@@ -24,7 +29,9 @@ addresses are handed out.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -78,13 +85,15 @@ def scratch_layout(scratch, dtype) -> tuple[int, tuple[tuple[str, int], ...]]:
     return at, tuple(offsets)
 
 
-def run(plan: Plan, given: dict, empty: Callable, zeros: Callable, address: Callable) -> dict:
+def run(plan: Plan, given: dict, empty: Callable, zeros: Callable, address: Callable, launcher=None,
+        stream: int = 0) -> dict:
     """Allocate ``plan``'s buffers (``empty(shape, dtype)``, or ``zeros`` for the zeroed ones)
     and its scratch block, then launch its kernels on the current stream with every buffer name
     replaced by ``address(buffer)``. ``given`` maps the names of the inputs to their arrays (None
     for an absent optional input: no launch may name it). Returns ``given`` and the new buffers by
     name (not the scratch: it is released once the launches are queued, which the stream-ordered
-    allocators of PyTorch and CuPy make safe)."""
+    allocators of PyTorch and CuPy make safe). ``launcher`` (a :class:`DriverLaunches`) launches
+    on the raw ``stream`` instead of calling the kernel objects."""
     bufs = dict(given)
     for name, shape in plan.buffers:
         bufs[name] = (zeros if name in plan.zeroed else empty)(shape, plan.dtype)
@@ -96,12 +105,88 @@ def run(plan: Plan, given: dict, empty: Callable, zeros: Callable, address: Call
         for name, offset in offsets:
             addresses[name] = base + offset
     item = plan.dtype.itemsize
+    if launcher is not None:
+        for launch in plan.launches:
+            launcher(launch, addresses, item, stream)
+        return bufs
     for launch in plan.launches:
         launch.kernel(launch.grid, launch.block,
                       tuple(addresses[a] if type(a) is str else
                             addresses[a[0]] + a[1] * item if type(a) is tuple else a for a in launch.args),
                       shared_mem=launch.shared_mem)
     return bufs
+
+
+_C_SCALARS = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint32): ctypes.c_uint32,
+              np.dtype(np.int64): ctypes.c_int64, np.dtype(np.uint64): ctypes.c_uint64,
+              np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+
+
+class _Packed:
+    """One launch's arguments in C storage: ``params`` (void*[]) points at one C value per
+    argument; the pointer arguments' values are rewritten before each launch (``slots``)."""
+
+    def __init__(self, launch: Launch):
+        values, self.slots = [], []
+        for a in launch.args:
+            if type(a) is str or type(a) is tuple:
+                v = ctypes.c_void_p(0)
+                name, offset = (a, 0) if type(a) is str else a
+                self.slots.append((v, name, offset))
+            else:
+                kind = _C_SCALARS.get(getattr(a, "dtype", None))
+                if kind is None:
+                    raise TypeError(f"kernel argument {a!r}: plans pass NumPy scalars of "
+                                    f"{sorted(d.name for d in _C_SCALARS)} or buffer names")
+                v = kind(a.item())
+            values.append(v)
+        self.values = values                        # keeps the C storage alive
+        self.params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
+        self.params_address = ctypes.addressof(self.params)
+        self.kernel = _cu_function(launch.kernel)
+        self.dims = tuple(launch.grid) + (1,) * (3 - len(launch.grid)) + tuple(launch.block) + (1,) * (3 - len(launch.block))
+
+
+def _cu_function(kernel) -> int:
+    """The CUfunction handle of a CuPy kernel (a RawModule function, or a RawKernel's)."""
+    fn = getattr(kernel, "kernel", kernel)          # RawKernel -> its cupy.cuda.function.Function
+    return int(fn.ptr)
+
+
+class DriverLaunches:
+    """Launch plan kernels with the CUDA driver's ``cuLaunchKernel`` on a raw stream (a
+    cudaStream_t as an int, 0 for the legacy default stream), in the calling thread's current
+    context (the kernels must have been loaded in it: one device per process, as CuPy's own
+    caches here assume).
+    Each launch's packed arguments are built once per thread (so concurrent runs of one plan in
+    two threads never share the storage being rewritten)."""
+
+    _lib = None
+
+    def __init__(self):
+        if DriverLaunches._lib is None:
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuLaunchKernel.restype = ctypes.c_int
+            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+            DriverLaunches._lib = lib
+        self._launch = DriverLaunches._lib.cuLaunchKernel
+        self._local = threading.local()
+
+    def __call__(self, launch: Launch, addresses: dict, item: int, stream: int) -> None:
+        packed = getattr(self._local, "packed", None)
+        if packed is None:
+            packed = self._local.packed = {}
+        p = packed.get(id(launch))
+        if p is None or p[0] is not launch:         # id() reused by a newer launch: repack
+            p = packed[id(launch)] = (launch, _Packed(launch))
+        p = p[1]
+        for value, name, offset in p.slots:
+            value.value = addresses[name] + offset * item
+        gx, gy, gz, bx, by, bz = p.dims
+        err = self._launch(p.kernel, gx, gy, gz, bx, by, bz, launch.shared_mem, stream, p.params_address, None)
+        if err:
+            raise RuntimeError(f"cuLaunchKernel failed with CUresult {err} for {getattr(launch.kernel, 'name', launch.kernel)} "
+                               f"(grid {launch.grid}, block {launch.block}, shared {launch.shared_mem} bytes)")
 
 
 def cupy_address(a) -> int:
