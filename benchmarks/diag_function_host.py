@@ -126,6 +126,8 @@ def main():
     p.add_argument("--backends", nargs="+", default=["torch", "cupy", "numba_cuda"])
     p.add_argument("--profile-backend", default="cupy")
     p.add_argument("--parts", action="store_true", help="also time the pieces of a CuPy call")
+    p.add_argument("--compare-launchers", action="store_true",
+                   help="time the CuPy plans twice: through cuLaunchKernel (the default) and CuPy's kernel objects")
     args = p.parse_args()
     if args.parts:
         parts(args.calls)
@@ -133,7 +135,14 @@ def main():
     for op in args.ops:
         a, kw = inputs(op)
         fn = getattr(ops, op)
-        for backend in args.backends:
+        runs = [(b, None) for b in args.backends]
+        if args.compare_launchers and "cupy" in args.backends:
+            runs.append(("cupy", "kernel objects"))
+        for backend, launcher in runs:
+            driver = ops._driver_launches()
+            if launcher:                      # plans launched by CuPy's kernel objects for this row
+                ops._DRIVER[:] = [None]
+
             def fwd():
                 with torch.no_grad():
                     fn(*a, backend=backend, **kw)
@@ -142,8 +151,10 @@ def main():
                 out = fn(*a, backend=backend, **kw)
                 out = out[0] if isinstance(out, tuple) else out
                 out.sum().backward()
-            print(f"{op:18s} {backend:10s} forward {per_call_us(fwd, args.calls):7.1f} us   "
+            label = backend + (f" ({launcher})" if launcher else "")
+            print(f"{op:18s} {label:26s} forward {per_call_us(fwd, args.calls):7.1f} us   "
                   f"forward+backward {per_call_us(fb, args.calls):7.1f} us", flush=True)
+            ops._DRIVER[:] = [driver]
         if args.profile_backend:
             # forward and backward on this thread (autograd's device thread is invisible to cProfile)
             def fb_profiled():

@@ -34,7 +34,8 @@ def count_calls():
     counts = collections.Counter()
     for name in ("SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
                  "DMCAAttentionFn", "DepthwiseConv2dFn", "PlannedSS2DScanFn", "PlannedDMCAAttentionFn",
-                 "PlannedDepthwiseConv2dFn", "PlannedCrossScanFn", "PlannedCrossMergeFn"):
+                 "PlannedDepthwiseConv2dFn", "PlannedCrossScanFn", "PlannedCrossMergeFn", "GroupNormFn",
+                 "PlannedGroupNormFn"):
         fn = getattr(ops, name)
         original = fn.apply
 
