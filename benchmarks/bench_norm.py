@@ -118,7 +118,7 @@ def markdown(results):
               "fwd+bwd % floor", "fwd+bwd x torch"]
     rows, totals = [], collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for entry in results["shapes"]:
-        (C, H, W), count = entry["shape"], entry["count"]
+        (C, H, _), count = entry["shape"], entry["count"]
         t0 = entry["rows"][0]
         for r in entry["rows"]:
             rows.append([f"{C}, {H} ({count})", r["backend"], f"{r['fwd_ms']:.3f}",
