@@ -17,6 +17,7 @@ bandwidth measured in the same run. The last rows weigh every shape by how many 
 of the model meets it: the group-norm time of one training step.
 
     NUMBA_ENABLE_CUDASIM=0 python benchmarks/bench_norm.py [--json out.json] [--no-results]
+    python benchmarks/bench_norm.py --from-json out.json     # RESULTS.md section from a saved run
 """
 from __future__ import annotations
 
@@ -144,7 +145,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
+    ap.add_argument("--from-json", help="only render a saved run (no GPU needed)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        return _report(results, args.no_results)
     import torch
     shapes = model_shapes()
     names = backends()
@@ -159,9 +164,13 @@ def main(argv=None):
         print(shape, count, " ".join(f"{r['backend']} {r['fwd_ms']:.3f}/{r['fb_ms']:.3f}" for r in rows), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return _report(results, args.no_results)
+
+
+def _report(results, no_results):
     text = markdown(results)
     print("\n" + text)
-    if not args.no_results:
+    if not no_results:
         write_results_block(SECTION, *BLOCK, text, intro=(
             "Issue 7: SparX-Mamba's GroupNorm(1, C) on our kernels vs PyTorch's (benchmarks/bench_norm.py)."))
     return results
