@@ -48,7 +48,10 @@ kernel's own backward. Tensors cross over without a copy:
   :mod:`sparx_ref.kernels.cupy._plan`: the depthwise convolution, the 2-D scan, DMCA, the
   cross-scan/merge, group normalisation) skip the CuPy arrays altogether: the ``Planned*`` Functions below replay the
   plan's launches with ``torch.empty`` buffers and ``data_ptr()`` arguments on PyTorch's current
-  stream, a few tens of microseconds of host time a call instead of hundreds.
+  stream, a few tens of microseconds of host time a call instead of hundreds. They launch through
+  the CUDA driver's ``cuLaunchKernel`` with each launch's arguments packed in C storage once
+  (:class:`sparx_ref.kernels.cupy._plan.DriverLaunches`), or through CuPy's kernel objects where
+  the driver library cannot be loaded or the tensors are on another device than the current one.
 
 Inputs may be non-contiguous (they are made contiguous first, a no-op when they already
 are); all floating inputs must share one dtype (float32 or float64; a kernel may support
