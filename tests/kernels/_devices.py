@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import importlib
+
 from sparx_ref.kernels import registry
 
 
@@ -40,3 +42,19 @@ class NaNDevice:
             def nan_empty(shape, dtype):
                 return cuda.to_device(np.full(tuple(int(s) for s in shape), np.nan, dtype=dtype))
         monkeypatch.setattr(module, "_empty", nan_empty)
+
+
+class OpPairDevice(NaNDevice):
+    """The kernel module ``sparx_ref.kernels.<backend>.<module>`` with NaN-filled allocations, and
+    the registry's (forward, backward) pair ``ops`` of any version; skips without the runtime."""
+
+    def __init__(self, backend, module, ops, monkeypatch):
+        missing = registry.runtime_missing(backend)
+        if missing:
+            pytest.skip(missing)
+        self.ops = ops
+        super().__init__(backend, importlib.import_module(f"sparx_ref.kernels.{backend}.{module}"), monkeypatch)
+
+    def kernels(self, version):
+        """(forward, backward) of ``version`` (None: the default), looked up through the registry."""
+        return tuple(registry.get(op, self.backend, version) for op in self.ops)

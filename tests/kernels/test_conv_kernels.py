@@ -15,7 +15,6 @@ full ranges, plus a SparX-sized map whose backward splits the batch into several
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -27,7 +26,7 @@ from sparx_ref.kernels import registry
 from sparx_ref.ref import layers as ref_layers
 from sparx_ref.testing import assert_close, assert_close_scaled
 
-from ._devices import NaNDevice, ladder_params
+from ._devices import OpPairDevice, ladder_params
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 BACKENDS = ("numba_cuda", "cupy")
@@ -35,31 +34,14 @@ OPS = ("depthwise_conv2d_fwd", "depthwise_conv2d_bwd")
 EXAMPLES = 4 if SIM else 25
 
 
-def _module(backend):
-    return importlib.import_module(f"sparx_ref.kernels.{backend}.conv")
-
-
 def _versions():
     return ladder_params(OPS, BACKENDS)
 
 
-class _Device(NaNDevice):
-    """The conv module of ``backend`` with NaN-filled allocations (skips without the runtime)."""
-
-    def __init__(self, backend, monkeypatch):
-        missing = registry.runtime_missing(backend)
-        if missing:
-            pytest.skip(missing)
-        super().__init__(backend, _module(backend), monkeypatch)
-
-    def kernels(self, version):
-        """(forward, backward) of ``version``, looked up through the registry."""
-        return tuple(registry.get(op, self.backend, version) for op in OPS)
-
-
 @pytest.fixture
 def device(monkeypatch):
-    return lambda backend: _Device(backend, monkeypatch)
+    """backend -> the conv module with NaN-filled allocations and the registry's kernels."""
+    return lambda backend: OpPairDevice(backend, "conv", OPS, monkeypatch)
 
 
 def _host(a):

@@ -15,7 +15,6 @@ float32; the GPU tests run on a GPU (``scripts/gpu-check``).
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -29,7 +28,7 @@ from sparx_ref.ref import layers as ref_layers
 from sparx_ref.testing import assert_close, assert_close_scaled
 from sparx_ref._validate import check_shape
 
-from ._devices import NaNDevice, ladder_params
+from ._devices import OpPairDevice, ladder_params
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 OPS = ("group_norm_fwd", "group_norm_bwd")
@@ -37,26 +36,10 @@ BACKENDS = tuple(b for b in ("numba_cuda", "cupy") if registry.entries(OPS[0], b
 EXAMPLES = 4 if SIM else 25
 
 
-def _module(backend):
-    return importlib.import_module(f"sparx_ref.kernels.{backend}.norm")
-
-
-class _Device(NaNDevice):
-    """The norm module of ``backend`` with NaN-filled allocations (skips without the runtime)."""
-
-    def __init__(self, backend, monkeypatch):
-        missing = registry.runtime_missing(backend)
-        if missing:
-            pytest.skip(missing)
-        super().__init__(backend, _module(backend), monkeypatch)
-
-    def kernels(self, version):
-        return tuple(registry.get(op, self.backend, version) for op in OPS)
-
-
 @pytest.fixture
 def device(monkeypatch):
-    return lambda backend: _Device(backend, monkeypatch)
+    """backend -> the norm module with NaN-filled allocations and the registry's kernels."""
+    return lambda backend: OpPairDevice(backend, "norm", OPS, monkeypatch)
 
 
 def _host(a):
