@@ -9,9 +9,13 @@ For each model and GPU backend, on the same weights and 4 images:
 - the same after the model's memory has been churned (a training step on another batch),
   which is when a use-after-free in the torch <-> CuPy / Numba memory sharing would show;
 - ``--profile``: the 15 CUDA kernels taking the most time in one inference batch of
-  sparx_mamba_t on each GPU backend (torch.profiler).
+  sparx_mamba_t on each GPU backend (torch.profiler), then the same for a forward+backward
+  at batch 64 with its GPU time next to its wall time;
+- ``--host-profile``: where a whole training step's host time goes (forward, loss, backward,
+  AdamW step at batch 64; cProfile of three steps with autograd on the calling thread, so the
+  backward's Python is seen too), next to the step's wall time.
 
-    NUMBA_ENABLE_CUDASIM=0 python benchmarks/diag_models_gpu.py [--profile]
+    NUMBA_ENABLE_CUDASIM=0 python benchmarks/diag_models_gpu.py [--profile] [--host-profile]
 """
 from __future__ import annotations
 
@@ -123,6 +127,7 @@ def main():
     p.add_argument("--backends", nargs="+", default=["cupy", "numba_cuda"])
     p.add_argument("--profile", action="store_true")
     p.add_argument("--ops", action="store_true", help="per-op agreement at sparx_mamba_t's own layer inputs")
+    p.add_argument("--host-profile", action="store_true", help="cProfile of three sparx_mamba_t training steps")
     args = p.parse_args()
     counts = count_calls()
     dev = "cuda"
@@ -204,6 +209,42 @@ def main():
                   f"profiler {sorted(wall)[1]:.1f} ms (second best of 4): host-bound if wall >> GPU")
             del model, xi
             torch.cuda.empty_cache()
+
+
+    if args.host_profile:
+        for backend in args.backends:
+            host_profile(backend, dev)
+
+
+def host_profile(backend, dev):
+    """cProfile of three sparx_mamba_t training steps (batch 64, AdamW) on ``backend``."""
+    import torch
+    import torch.nn.functional as F
+    from sparx_ref.torch_models import build_model
+
+    from benchmarks.common import profile_text
+    torch.manual_seed(0)
+    model = build_model("sparx_mamba_t", kernel_backend=backend).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    xb = torch.randn(64, 3, 224, 224, device=dev)
+    yb = torch.randint(0, 1000, (64,), device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    with torch.autograd.set_multithreading_enabled(False):
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        print(f"\n# host profile: sparx_mamba_t training step, batch 64, {backend}: wall "
+              f"{(time.perf_counter() - t0) / 5 * 1e3:.1f} ms a step (autograd on this thread); "
+              f"cProfile of 3 steps (divide by 3 for a step):")
+        print(profile_text(step, 3, sorts=(("tottime", 30),)))
 
 
 if __name__ == "__main__":
