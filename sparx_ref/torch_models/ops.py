@@ -978,6 +978,9 @@ def group_norm(x, weight, bias, num_groups, eps=1e-5, *, backend="torch"):
     The kernels need at least one spatial axis."""
     if not uses_kernel("group_norm", backend):
         return group_norm_torch(x, weight, bias, num_groups, eps)
+    if isinstance(x, torch.Tensor) and x.dim() < 3:
+        raise ValueError(f"group_norm: the kernels of kernel_backend={backend!r} take x (B, C, *spatial) with at "
+                         f"least one spatial axis, got shape {tuple(x.shape)} (kernel_backend='torch' takes (B, C))")
     if uses_plans("group_norm", backend):
         return PlannedGroupNormFn.apply(num_groups, eps, x, weight, bias)
     return GroupNormFn.apply(backend, num_groups, eps, x, weight, bias)

@@ -418,6 +418,13 @@ def test_dtype_errors(rng, oracle_backend):
         ops.dmca_attention(q.detach().numpy(), k, v, groups, backend=oracle_backend)
 
 
+def test_group_norm_on_kernels_needs_a_spatial_axis(oracle_backend):
+    x, w = torch.zeros(2, 4), torch.ones(4)
+    assert ops.group_norm(x, w, None, 2).shape == (2, 4)            # the torch form takes (B, C)
+    with pytest.raises(ValueError, match="group_norm: .* at least one spatial axis, got shape \\(2, 4\\)"):
+        ops.group_norm(x, w, None, 2, backend=oracle_backend)
+
+
 def test_attention_dropout_refused_on_kernels(rng, oracle_backend):
     args, _ = op_inputs("window_attention", rng)
     drop = torch.nn.Dropout(0.5).train()
