@@ -72,6 +72,30 @@ def fp32_matmul_tflops(n: int = 8192) -> float:
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
+def gpu_kernel_pairs(ops):
+    """Yield (backend, version, forward, backward, put) for every registered version of the
+    forward/backward kernel pair ``ops`` on each GPU backend whose runtime is here (printing why a
+    backend is skipped); ``put`` moves a NumPy array to that backend's device. The sanitize
+    scripts' loop."""
+    import importlib
+
+    from sparx_ref.kernels import registry
+    for backend in ("cupy", "numba_cuda"):
+        missing = registry.runtime_missing(backend)
+        if missing or not registry.entries(ops[0], backend):
+            print(f"skip {backend}: {missing or f'no {ops[0]} kernels registered'}")
+            continue
+        put = importlib.import_module("cupy").asarray if backend == "cupy" else \
+            importlib.import_module("numba.cuda").to_device
+        for version in registry.versions(ops[0], backend):
+            yield (backend, version, *(registry.get(op, backend, version) for op in ops), put)
+
+
+def to_host(a):
+    """A CuPy or Numba device array as NumPy (None stays None)."""
+    return None if a is None else (a.get() if hasattr(a, "get") else a.copy_to_host())
+
+
 def card() -> str:
     import torch
     return torch.cuda.get_device_name()

@@ -12,7 +12,6 @@ wrong answer as well as on a sanitizer report (``--error-exitcode``).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -25,52 +24,41 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import gpu_kernel_pairs, to_host as _host  # noqa: E402
+
 OPS = ("depthwise_conv2d_fwd", "depthwise_conv2d_bwd")
 # (B, C, H, W, kh, kw, bias): B = 7 with 3 channels gives several batch slices, the last ragged
 CASES = [(2, 5, 9, 11, 3, 3, True), (7, 3, 6, 7, 5, 5, False), (1, 4, 1, 13, 1, 1, True),
          (3, 2, 8, 5, 7, 7, True), (2, 3, 5, 6, 3, 5, False)]
 
 
-def _host(a):
-    return None if a is None else (a.get() if hasattr(a, "get") else a.copy_to_host())
-
-
 def main():
-    from sparx_ref.kernels import registry
     from sparx_ref.ref import layers as ref_layers
     from sparx_ref.testing import rel_err
     from sparx_ref.tolerances import tolerance
 
     rng = np.random.default_rng(0)
     failures = []
-    for backend in ("cupy", "numba_cuda"):
-        missing = registry.runtime_missing(backend)
-        if missing or not registry.entries(OPS[0], backend):
-            print(f"skip {backend}: {missing or 'no depthwise conv kernels registered'}")
-            continue
-        put = importlib.import_module("cupy").asarray if backend == "cupy" else \
-            importlib.import_module("numba.cuda").to_device
-        for version in registry.versions(OPS[0], backend):
-            fwd, bwd = (registry.get(op, backend, version) for op in OPS)
-            for dtype in (np.float32, np.float64):
-                tol = tolerance(dtype, "kernel")
-                worst = 0.0
-                for B, C, H, W, kh, kw, with_bias in CASES:
-                    x, w, d = (rng.standard_normal(s).astype(dtype) for s in ((B, C, H, W), (C, 1, kh, kw), (B, C, H, W)))
-                    b = rng.standard_normal(C).astype(dtype) if with_bias else None
-                    ref_out, ref_cache = ref_layers.depthwise_conv2d_fwd(
-                        x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
-                    ref_g = ref_layers.depthwise_conv2d_bwd(d.astype(np.float64), ref_cache)
-                    out, cache = fwd(put(x), put(w), None if b is None else put(b))
-                    grads = bwd(put(d), cache)
-                    errs = {"out": rel_err(_host(out), ref_out)}
-                    errs.update({f"d{n}": rel_err(_host(grads[n]), ref_g[n]) for n in ref_g if ref_g[n] is not None})
-                    worst = max(worst, *errs.values())
-                    bad = {n: e for n, e in errs.items() if not e <= tol}
-                    if bad:
-                        failures.append((backend, version, np.dtype(dtype).name, (B, C, H, W, kh, kw), bad))
-                        print(f"FAIL {backend} {version} {np.dtype(dtype).name} {(B, C, H, W, kh, kw)} {bad}")
-                print(f"depthwise {backend:10s} {version:6s} {np.dtype(dtype).name} max err {worst:.2e}")
+    for backend, version, fwd, bwd, put in gpu_kernel_pairs(OPS):
+        for dtype in (np.float32, np.float64):
+            tol = tolerance(dtype, "kernel")
+            worst = 0.0
+            for B, C, H, W, kh, kw, with_bias in CASES:
+                x, w, d = (rng.standard_normal(s).astype(dtype) for s in ((B, C, H, W), (C, 1, kh, kw), (B, C, H, W)))
+                b = rng.standard_normal(C).astype(dtype) if with_bias else None
+                ref_out, ref_cache = ref_layers.depthwise_conv2d_fwd(
+                    x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
+                ref_g = ref_layers.depthwise_conv2d_bwd(d.astype(np.float64), ref_cache)
+                out, cache = fwd(put(x), put(w), None if b is None else put(b))
+                grads = bwd(put(d), cache)
+                errs = {"out": rel_err(_host(out), ref_out)}
+                errs.update({f"d{n}": rel_err(_host(grads[n]), ref_g[n]) for n in ref_g if ref_g[n] is not None})
+                worst = max(worst, *errs.values())
+                bad = {n: e for n, e in errs.items() if not e <= tol}
+                if bad:
+                    failures.append((backend, version, np.dtype(dtype).name, (B, C, H, W, kh, kw), bad))
+                    print(f"FAIL {backend} {version} {np.dtype(dtype).name} {(B, C, H, W, kh, kw)} {bad}")
+            print(f"depthwise {backend:10s} {version:6s} {np.dtype(dtype).name} max err {worst:.2e}")
     if failures:
         print(f"{len(failures)} case(s) disagree with the reference")
         return 1

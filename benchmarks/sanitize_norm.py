@@ -12,7 +12,6 @@ the exit status is 1 on a wrong answer as well as on a sanitizer report (``--err
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -25,59 +24,48 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import gpu_kernel_pairs, to_host as _host  # noqa: E402
+
 OPS = ("group_norm_fwd", "group_norm_bwd")
 # (x shape, groups, weight, bias)
 CASES = [((2, 3, 5, 3), 1, True, True), ((3, 4, 13, 11), 2, True, False), ((1, 300, 2, 3), 1, False, True),
          ((2, 9, 7, 7), 3, False, False), ((2, 6, 4, 5, 3), 6, True, True)]
 
 
-def _host(a):
-    return None if a is None else (a.get() if hasattr(a, "get") else a.copy_to_host())
-
-
 def main():
-    from sparx_ref.kernels import registry
     from sparx_ref.ref import layers as ref_layers
     from sparx_ref.testing import rel_err
     from sparx_ref.tolerances import tolerance
 
     rng = np.random.default_rng(0)
     failures = []
-    for backend in ("cupy", "numba_cuda"):
-        missing = registry.runtime_missing(backend)
-        if missing or not registry.entries(OPS[0], backend):
-            print(f"skip {backend}: {missing or 'no group-norm kernels registered'}")
-            continue
-        put = importlib.import_module("cupy").asarray if backend == "cupy" else \
-            importlib.import_module("numba.cuda").to_device
-        for version in registry.versions(OPS[0], backend):
-            fwd, bwd = (registry.get(op, backend, version) for op in OPS)
-            for dtype in (np.float32, np.float64):
-                tol = tolerance(dtype, "kernel")
-                worst = 0.0
-                for shape, G, with_w, with_b in CASES:
-                    C = shape[1]
-                    x = (3 + rng.standard_normal(shape)).astype(dtype)
-                    d = rng.standard_normal(shape).astype(dtype)
-                    w = rng.standard_normal(C).astype(dtype) if with_w else None
-                    b = rng.standard_normal(C).astype(dtype) if with_b else None
-                    f64 = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
-                    ref_out, ref_cache = ref_layers.group_norm_fwd(*f64, G)
-                    ref_g = ref_layers.group_norm_bwd(d.astype(np.float64), ref_cache)
-                    out, cache = fwd(put(x), None if w is None else put(w), None if b is None else put(b), G)
-                    grads = bwd(put(d), cache)
-                    errs = {"out": rel_err(_host(out), ref_out), "dx": rel_err(_host(grads["x"]), ref_g["x"])}
-                    # the weight and bias gradients are batch sums: judged against their magnitude
-                    for n in ("weight", "bias"):
-                        if ref_g[n] is not None:
-                            errs[f"d{n}"] = float(np.abs(_host(grads[n]) - ref_g[n]).max()
-                                                  / max(np.abs(ref_g[n]).max(), 1.0))
-                    worst = max(worst, *errs.values())
-                    bad = {n: e for n, e in errs.items() if not e <= tol}
-                    if bad:
-                        failures.append((backend, version, np.dtype(dtype).name, shape, G, bad))
-                        print(f"FAIL {backend} {version} {np.dtype(dtype).name} {shape} G={G} {bad}")
-                print(f"group norm {backend:10s} {version:6s} {np.dtype(dtype).name} max err {worst:.2e}")
+    for backend, version, fwd, bwd, put in gpu_kernel_pairs(OPS):
+        for dtype in (np.float32, np.float64):
+            tol = tolerance(dtype, "kernel")
+            worst = 0.0
+            for shape, G, with_w, with_b in CASES:
+                C = shape[1]
+                x = (3 + rng.standard_normal(shape)).astype(dtype)
+                d = rng.standard_normal(shape).astype(dtype)
+                w = rng.standard_normal(C).astype(dtype) if with_w else None
+                b = rng.standard_normal(C).astype(dtype) if with_b else None
+                f64 = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+                ref_out, ref_cache = ref_layers.group_norm_fwd(*f64, G)
+                ref_g = ref_layers.group_norm_bwd(d.astype(np.float64), ref_cache)
+                out, cache = fwd(put(x), None if w is None else put(w), None if b is None else put(b), G)
+                grads = bwd(put(d), cache)
+                errs = {"out": rel_err(_host(out), ref_out), "dx": rel_err(_host(grads["x"]), ref_g["x"])}
+                # the weight and bias gradients are batch sums: judged against their magnitude
+                for n in ("weight", "bias"):
+                    if ref_g[n] is not None:
+                        errs[f"d{n}"] = float(np.abs(_host(grads[n]) - ref_g[n]).max()
+                                              / max(np.abs(ref_g[n]).max(), 1.0))
+                worst = max(worst, *errs.values())
+                bad = {n: e for n, e in errs.items() if not e <= tol}
+                if bad:
+                    failures.append((backend, version, np.dtype(dtype).name, shape, G, bad))
+                    print(f"FAIL {backend} {version} {np.dtype(dtype).name} {shape} G={G} {bad}")
+            print(f"group norm {backend:10s} {version:6s} {np.dtype(dtype).name} max err {worst:.2e}")
     if failures:
         print(f"{len(failures)} case(s) disagree with the reference")
         return 1
