@@ -34,13 +34,14 @@ if str(ROOT) not in sys.path:
 
 def count_calls():
     """Wrap every kernel autograd Function's ``apply`` to count calls; returns the Counter."""
-    from sparx_ref.torch_models import ops
+    from sparx_ref.torch_models import ops, ss2d_core
     counts = collections.Counter()
-    for name in ("SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
-                 "DMCAAttentionFn", "DepthwiseConv2dFn", "PlannedSS2DScanFn", "PlannedDMCAAttentionFn",
-                 "PlannedDepthwiseConv2dFn", "PlannedCrossScanFn", "PlannedCrossMergeFn", "GroupNormFn",
-                 "PlannedGroupNormFn"):
-        fn = getattr(ops, name)
+    for module, name in [(ops, name) for name in (
+            "SelectiveScanFn", "SS2DScanFn", "CrossScanFn", "CrossMergeFn", "WindowAttentionFn",
+            "DMCAAttentionFn", "DepthwiseConv2dFn", "PlannedSS2DScanFn", "PlannedDMCAAttentionFn",
+            "PlannedDepthwiseConv2dFn", "PlannedCrossScanFn", "PlannedCrossMergeFn", "GroupNormFn",
+            "PlannedGroupNormFn")] + [(ss2d_core, "SS2DCoreFn")]:
+        fn = getattr(module, name)
         original = fn.apply
 
         def counted(*args, _original=original, _name=name):

@@ -85,9 +85,30 @@ class TorchKernels:
     cross_scan: Callable
     cross_merge: Callable
     channel_attention: Callable
-    # cross_merge(selective_scan(xs)) in one call from the map itself (kernel backends: the fused
-    # 2-D scan); None: the two calls (the torch form, the released code's order of operations)
-    ss2d_scan: Callable | None = None
+    # SparX-Mamba's whole SSM core in one call (kernel backends: :mod:`.ss2d_core`); None: op by
+    # op through the rows above, in the released order (:func:`ss2d_core_released`)
+    ss2d_core: Callable | None = None
+
+
+def ss2d_core_released(kernels: TorchKernels, u, x_proj_weight, dt_projs_weight, A_logs, Ds, dt_projs_bias):
+    """SparX-Mamba's SSM core op by op, in the released order, through ``kernels``' cross_scan,
+    selective_scan and cross_merge (spec §8): u (B, Di, H, W) -> (B, Di, H, W), before out_norm.
+    Parameter shapes: x_proj_weight (K*(R+2N), Di, 1), dt_projs_weight (K, Di, R), A_logs (K*Di, N),
+    Ds (K*Di,), dt_projs_bias (K, Di); K = 4 directions. See :mod:`.ss2d_core` for the same in one
+    autograd node."""
+    B, D, H, W = u.shape
+    K, R, N, L = dt_projs_weight.shape[0], dt_projs_weight.shape[2], A_logs.shape[1], H * W
+    # The released grouped 1x1 conv1d's (groups = K) are per-direction matrix products;
+    # written as batched matmuls because cuDNN runs these grouped conv1d's through slow
+    # transposes on the GPU (2 ms each at batch 64: half of an inference step on an H100).
+    x_proj = x_proj_weight.reshape(K, R + 2 * N, D)                              # (K, R+2N, Di)
+    xs = kernels.cross_scan(u)                                                   # (B, K, Di, L)
+    x_dbl = torch.matmul(x_proj, xs)                                             # (B, K, R+2N, L)
+    dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
+    dts = torch.matmul(dt_projs_weight, dts).reshape(B, K * D, L)                # (B, K*Di, L)
+    ys = kernels.selective_scan(xs.reshape(B, K * D, L), dts, -torch.exp(A_logs), Bs.contiguous(),
+                                Cs.contiguous(), Ds, dt_projs_bias.reshape(-1), delta_softplus=True)
+    return kernels.cross_merge(ys.reshape(B, K, D, L), H, W)                    # (B, Di, H, W)
 
 
 KERNEL_BACKENDS = {

@@ -821,6 +821,26 @@ class PlannedCrossMergeFn(torch.autograd.Function):
 _SS2D_INPUTS = ("x", "delta", "A", "B", "C", "D", "delta_bias")
 
 
+def _ss2d_dims(named) -> tuple:
+    """(batch, Di, H, W, N) of checked ss2d_scan inputs given by name."""
+    return tuple(int(d) for d in named["x"].shape) + (int(named["A"].shape[1]),)
+
+
+def _ss2d_fwd_plan(named, delta_softplus):
+    """The CuPy plan of the 2-D scan forward for these (checked, contiguous) inputs, or None
+    where the maps do not fit the "quad" kernel's shared memory."""
+    return _planner("ss2d_scan", "cupy", 0)(_ss2d_dims(named), bool(delta_softplus), named["D"] is not None,
+                                            named["delta_bias"] is not None,
+                                            _aligned(named["x"], named["delta"], named["B"], named["C"]))
+
+
+def _ss2d_bwd_plan(named, delta_softplus):
+    """The CuPy plan of the 2-D scan backward for the forward's inputs ``named``."""
+    return _planner("ss2d_scan", "cupy", 1)(_ss2d_dims(named), bool(delta_softplus), named["D"] is not None,
+                                            named["delta_bias"] is not None,
+                                            _aligned(named["delta"], named["B"], named["C"]))
+
+
 class PlannedSS2DScanFn(torch.autograd.Function):
     """ss2d_scan on CuPy through launch plans; ``plan`` is the forward's (built by the caller,
     who falls back to :class:`SS2DScanFn` where there is none)."""
@@ -832,17 +852,12 @@ class PlannedSS2DScanFn(torch.autograd.Function):
         y = _run_plan(plan, device, **named)["y"]
         ctx.save_for_backward(*tensors)
         ctx.delta_softplus = delta_softplus
-        ctx.dims = tuple(y.shape) + (int(named["A"].shape[1]),)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        tensors = ctx.saved_tensors
-        named = dict(zip(_SS2D_INPUTS, tensors))
-        plan = _planner("ss2d_scan", "cupy", 1)(ctx.dims, ctx.delta_softplus, named["D"] is not None,
-                                                named["delta_bias"] is not None,
-                                                _aligned(named["delta"], named["B"], named["C"]))
-        g = _run_plan(plan, named["x"].device, dy=dy.contiguous(), **named)
+        named = dict(zip(_SS2D_INPUTS, ctx.saved_tensors))
+        g = _run_plan(_ss2d_bwd_plan(named, ctx.delta_softplus), named["x"].device, dy=dy.contiguous(), **named)
         return (None, None, None) + tuple(g.get("d" + name) if need else None
                                           for name, need in zip(_SS2D_INPUTS, ctx.needs_input_grad[3:]))
 
@@ -881,9 +896,8 @@ def _planned_ss2d_scan(x, delta, A, B, C, D, delta_bias, delta_softplus):
     device = _check_tensors("ss2d_scan", "cupy", dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias))
     # contiguous, still tracked by autograd (a no-op for the usual contiguous inputs)
     tensors = tuple(None if t is None else t.contiguous() for t in (x, delta, A, B, C, D, delta_bias))
-    batch, Di, H, W, N, _ = ss2d_shapes(*tensors, allowed=(np.float32,), backend="cupy")
-    plan = _planner("ss2d_scan", "cupy", 0)((batch, Di, H, W, N), delta_softplus, D is not None,
-                                            delta_bias is not None, _aligned(*tensors[:2], *tensors[3:5]))
+    ss2d_shapes(*tensors, allowed=(np.float32,), backend="cupy")
+    plan = _ss2d_fwd_plan(dict(zip(_SS2D_INPUTS, tensors)), delta_softplus)
     if plan is None:
         return None
     return PlannedSS2DScanFn.apply(plan, bool(delta_softplus), device, *tensors)
@@ -996,10 +1010,11 @@ def kernel_table(backend: str):
         out, attn = dmca_attention(q, k, v, groups=1, backend=backend)
         return out, attn[:, 0]
 
+    from .ss2d_core import ss2d_core  # it imports this module
     return TorchKernels(backend, functools.partial(selective_scan, backend=backend),
                         functools.partial(cross_scan, backend=backend),
                         functools.partial(cross_merge, backend=backend), channel_attention,
-                        functools.partial(ss2d_scan, backend=backend))
+                        functools.partial(ss2d_core, backend=backend))
 
 
 def set_kernel_backend(model: torch.nn.Module, backend: str) -> torch.nn.Module:

@@ -14,16 +14,17 @@ The wiring (which blocks are ganglion layers and what they receive) comes from
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..models.sparx_mamba_config import pretrained_cfg, resolve_config
 from ..models.wiring import STAGE_INPUT
-from .common import DepthwiseConv2d, DropPath, GroupNorm1, LayerScale, get_kernels, released_init_
+from .common import (DepthwiseConv2d, DropPath, GroupNorm1, LayerScale, get_kernels, released_init_,
+                     ss2d_core_released)
 from .dmca import add_dmca_layers, dmca_forward
 
 
@@ -93,39 +94,11 @@ class SparXSS2D(nn.Module):
         self.extras = {}
 
     def forward_ssm(self, u):
-        """u: (B, Di, H, W) -> out_norm(cross_merge(selective_scan(cross_scan(u)))) (spec §8)."""
-        B, D, H, W = u.shape
-        K, R, N, L = self.K, self.dt_rank, self.d_state, H * W
-        # The released grouped 1x1 conv1d's (groups = K) are per-direction matrix products;
-        # written as batched matmuls because cuDNN runs these grouped conv1d's through slow
-        # transposes on the GPU (2 ms each at batch 64: half of an inference step on an H100).
-        x_proj = self.x_proj_weight.reshape(K, R + 2 * N, D)                     # (K, R+2N, Di)
-        if self.kernels.ss2d_scan is None:                                       # the released order
-            xs = self.kernels.cross_scan(u)                                      # (B, K, Di, L)
-            x_dbl = torch.matmul(x_proj, xs)                                     # (B, K, R+2N, L)
-        else:
-            # Kernel backends: the same products, projected before the cross-scan. Direction k's
-            # projection at scan step l is x_proj[k] @ u at the map position direction k reads at l,
-            # so project u once with all K matrices (K*(R+2N) channels, a fraction of Di) and
-            # cross-scan that small map: direction k's copy of the projections of direction k is
-            # x_dbl[:, k]. The (B, K, Di, L) copy of u and its gradient are never formed.
-            # bmm against the weight expanded over the batch (a stride-0 view, no copy): a plain
-            # matmul of a matrix with a batch folds the batch into rows, which transposes u into a
-            # (B, L, Di) copy in the forward and hands back a channels-last gradient of u.
-            proj_w = x_proj.reshape(K * (R + 2 * N), D)
-            proj = torch.bmm(proj_w.expand(B, -1, -1), u.reshape(B, D, L))      # (B, K*(R+2N), L)
-            xs_proj = self.kernels.cross_scan(proj.reshape(B, K * (R + 2 * N), H, W))     # (B, K, K*(R+2N), L)
-            x_dbl = torch.diagonal(xs_proj.reshape(B, K, K, R + 2 * N, L), dim1=1, dim2=2)  # (B, R+2N, L, K)
-            x_dbl = x_dbl.permute(0, 3, 1, 2)                                    # (B, K, R+2N, L)
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-        dts = torch.matmul(self.dt_projs_weight, dts).reshape(B, K * D, L)       # (B, K*Di, L)
-        scan_args = (dts, -torch.exp(self.A_logs), Bs.contiguous(), Cs.contiguous(), self.Ds,
-                     self.dt_projs_bias.reshape(-1))
-        if self.kernels.ss2d_scan is not None:   # kernel backends: scan + merge fused, from u
-            y = self.kernels.ss2d_scan(u, *scan_args, delta_softplus=True)      # (B, Di, H, W)
-        else:
-            ys = self.kernels.selective_scan(xs.reshape(B, K * D, L), *scan_args, delta_softplus=True)
-            y = self.kernels.cross_merge(ys.reshape(B, K, D, L), H, W)         # (B, Di, H, W)
+        """u: (B, Di, H, W) -> out_norm(cross_merge(selective_scan(cross_scan(u)))) (spec §8).
+        The core runs op by op in the released order (:func:`.common.ss2d_core_released`) or, on
+        kernel backends, in one autograd node (:func:`.ss2d_core.ss2d_core`)."""
+        core = self.kernels.ss2d_core or functools.partial(ss2d_core_released, self.kernels)
+        y = core(u, self.x_proj_weight, self.dt_projs_weight, self.A_logs, self.Ds, self.dt_projs_bias)
         return self.out_norm(y)
 
     def forward(self, x, shortcut=None, record=False):

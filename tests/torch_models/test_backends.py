@@ -13,7 +13,6 @@ backend usable here, given the same (randomised) weights and input, and compared
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,7 +21,7 @@ from sparx_ref.kernels import KernelUnavailable
 from sparx_ref.testing import assert_close
 from sparx_ref.torch_models import build_model, ops
 
-from .test_ops import oracle_registry
+from tests.torch_models._oracle import oracle_registry
 
 NO_CROSS = [False] * 4
 FAMILIES = {
