@@ -113,6 +113,38 @@ def test_driver_launch_packing_holds_each_argument_as_its_c_type():
         _Packed(Launch(kernel, (1,), (1,), (3.0,)))
 
 
+def test_driver_launches_of_a_plan_hand_cuLaunchKernel_each_launch_in_order():
+    """``run(..., launcher=DriverLaunches)`` with cuLaunchKernel replaced by a recorder (no GPU):
+    each launch gets its kernel handle, grid, block, shared memory, the stream, and parameters
+    whose pointer slots hold this call's addresses (element offsets scaled by the dtype's size)."""
+    import ctypes
+    import threading
+
+    from sparx_ref.kernels.cupy._plan import DriverLaunches
+    k1, k2 = (type("FakeFunction", (), {"ptr": ptr})() for ptr in (0x1000, 0x2000))
+    plan = Plan(np.dtype(np.float64), (("out", (4,)),),
+                (Launch(k1, (3,), (64,), ("x", np.int32(9), ("out", 2))),
+                 Launch(k2, (2, 5), (32, 4), ("out",), shared_mem=256)))
+    calls, n_args = [], {0x1000: 3, 0x2000: 1}
+
+    def cu_launch_kernel(fn, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        calls.append(((fn, gx, gy, gz, bx, by, bz, shared, stream), [slots[i] for i in range(n_args[fn])]))
+        return 0
+    launcher = DriverLaunches.__new__(DriverLaunches)
+    launcher._launch, launcher._local = cu_launch_kernel, threading.local()
+    x = np.arange(3.0)
+    for _ in range(2):                                   # the second call reuses the packing
+        calls.clear()
+        bufs = run(plan, {"x": x}, lambda shape, dtype: np.zeros(shape, dtype), np.zeros, address, launcher, 7)
+        (head1, slots1), (head2, slots2) = calls
+        assert head1 == (0x1000, 3, 1, 1, 64, 1, 1, 0, 7) and head2 == (0x2000, 2, 5, 1, 32, 4, 1, 256, 7)
+        assert ctypes.c_void_p.from_address(slots1[0]).value == address(x)
+        assert ctypes.c_int32.from_address(slots1[1]).value == 9
+        assert ctypes.c_void_p.from_address(slots1[2]).value == address(bufs["out"]) + 2 * 8
+        assert ctypes.c_void_p.from_address(slots2[0]).value == address(bufs["out"])
+
+
 def test_driver_launches_match_cupy_kernel_calls_on_the_gpu():
     """The same plan (group norm forward and backward) through cuLaunchKernel and through CuPy's
     kernel objects: identical results bit for bit."""

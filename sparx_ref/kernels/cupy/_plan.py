@@ -106,8 +106,7 @@ def run(plan: Plan, given: dict, empty: Callable, zeros: Callable, address: Call
             addresses[name] = base + offset
     item = plan.dtype.itemsize
     if launcher is not None:
-        for launch in plan.launches:
-            launcher(launch, addresses, item, stream)
+        launcher.launch_plan(plan, addresses, stream)
         return bufs
     for launch in plan.launches:
         launch.kernel(launch.grid, launch.block,
@@ -145,6 +144,8 @@ class _Packed:
         self.params_address = ctypes.addressof(self.params)
         self.kernel = _cu_function(launch.kernel)
         self.dims = tuple(launch.grid) + (1,) * (3 - len(launch.grid)) + tuple(launch.block) + (1,) * (3 - len(launch.block))
+        self.call = (self.kernel,) + self.dims + (launch.shared_mem,)    # cuLaunchKernel's leading arguments
+        self.launch = launch
 
 
 def _cu_function(kernel) -> int:
@@ -172,21 +173,34 @@ class DriverLaunches:
         self._launch = DriverLaunches._lib.cuLaunchKernel
         self._local = threading.local()
 
-    def __call__(self, launch: Launch, addresses: dict, item: int, stream: int) -> None:
-        packed = getattr(self._local, "packed", None)
-        if packed is None:
-            packed = self._local.packed = {}
-        p = packed.get(id(launch))
-        if p is None or p[0] is not launch:         # id() reused by a newer launch: repack
-            p = packed[id(launch)] = (launch, _Packed(launch))
-        p = p[1]
+    def _packed(self, key, build):
+        """This thread's packed arguments for ``key`` (a Launch or a Plan), built on first use."""
+        cache = getattr(self._local, "packed", None)
+        if cache is None:
+            cache = self._local.packed = {}
+        entry = cache.get(id(key))
+        if entry is None or entry[0] is not key:     # id() reused by a newer object: repack
+            entry = cache[id(key)] = (key, build())
+        return entry[1]
+
+    def _fire(self, p: _Packed, addresses: dict, item: int, stream: int) -> None:
         for value, name, offset in p.slots:
             value.value = addresses[name] + offset * item
-        gx, gy, gz, bx, by, bz = p.dims
-        err = self._launch(p.kernel, gx, gy, gz, bx, by, bz, launch.shared_mem, stream, p.params_address, None)
+        err = self._launch(*p.call, stream, p.params_address, None)
         if err:
+            launch = p.launch
             raise RuntimeError(f"cuLaunchKernel failed with CUresult {err} for {getattr(launch.kernel, 'name', launch.kernel)} "
                                f"(grid {launch.grid}, block {launch.block}, shared {launch.shared_mem} bytes)")
+
+    def __call__(self, launch: Launch, addresses: dict, item: int, stream: int) -> None:
+        """One launch; pointer arguments from ``addresses`` (element offsets of ``item`` bytes)."""
+        self._fire(self._packed(launch, lambda: _Packed(launch)), addresses, item, stream)
+
+    def launch_plan(self, plan: Plan, addresses: dict, stream: int) -> None:
+        """Every launch of ``plan`` in order (one cache lookup for the plan, not one a launch)."""
+        item = plan.dtype.itemsize
+        for p in self._packed(plan, lambda: tuple(_Packed(launch) for launch in plan.launches)):
+            self._fire(p, addresses, item, stream)
 
 
 def cupy_address(a) -> int:
