@@ -190,6 +190,7 @@ def main():
             model.train()
             yb = torch.randint(0, 1000, (64,), device=dev)
             for step in range(2):   # the second step is profiled
+                model.zero_grad(set_to_none=True)   # as a training step does: no accumulation into .grad
                 with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                     torch.nn.functional.cross_entropy(model(xi), yb).backward()
                     torch.cuda.synchronize()
@@ -201,6 +202,7 @@ def main():
                          if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
             wall = []
             for _ in range(4):   # the same step without the profiler: is it host-bound?
+                model.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 torch.nn.functional.cross_entropy(model(xi), yb).backward()
