@@ -150,17 +150,18 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _depthwise_on_backend(x, weight, bias, backend):
+def _depthwise_on_backend(x, weight, bias, backend, residual=False):
     """The depthwise "same" conv on a kernel backend (:func:`.ops.depthwise_conv2d`)."""
     from .ops import depthwise_conv2d  # ops imports this module: import at call time
-    return depthwise_conv2d(x, weight, bias, backend=backend)
+    return depthwise_conv2d(x, weight, bias, residual=residual, backend=backend)
 
 
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``, the depthwise "same" convolution of the
     released models (same parameters and state_dict keys), whose forward runs on the model's
     kernel backend (``kernel_backend``, set by :func:`.ops.set_kernel_backend`); "torch" is
-    ``nn.Conv2d.forward`` itself. x (B, C, H, W) -> (B, C, H, W)."""
+    ``nn.Conv2d.forward`` itself. x (B, C, H, W) -> (B, C, H, W); ``module(x, residual=True)``
+    is ``x + module(x)`` in one pass on CuPy (the released ``x + pos_embed(x)``)."""
 
     kernel_backend = "torch"
 
@@ -170,10 +171,10 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
                          bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, residual=False):
         if self.kernel_backend == "torch":
-            return super().forward(x)
-        return _depthwise_on_backend(x, self.weight, self.bias, self.kernel_backend)
+            return x + super().forward(x) if residual else super().forward(x)
+        return _depthwise_on_backend(x, self.weight, self.bias, self.kernel_backend, residual)
 
 
 class LayerScale(nn.Module):

@@ -719,24 +719,24 @@ class PlannedDepthwiseConv2dFn(torch.autograd.Function):
     """The depthwise convolution on CuPy through launch plans (:func:`_run_plan`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, residual=False):
         from ..kernels._conv_common import conv_dims
         device = _check_tensors("depthwise_conv2d", "cupy", dict(x=x, weight=weight, bias=bias))
         x, weight, bias = _contiguous(x, weight, bias)
         dims = conv_dims(x, weight, bias, check_shape)
-        plan = _planner("depthwise_conv2d", "cupy", 0)(dims, _NUMPY_DTYPE[x.dtype], bias is not None)
+        plan = _planner("depthwise_conv2d", "cupy", 0)(dims, _NUMPY_DTYPE[x.dtype], bias is not None, residual)
         out = _run_plan(plan, device, x=x, weight=weight, bias=bias)["out"]
         ctx.save_for_backward(x, weight)
-        ctx.dims, ctx.has_bias = dims, bias is not None
+        ctx.dims, ctx.has_bias, ctx.residual = dims, bias is not None, residual
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
-        plan = _planner("depthwise_conv2d", "cupy", 1)(ctx.dims, _NUMPY_DTYPE[x.dtype], ctx.has_bias)
+        plan = _planner("depthwise_conv2d", "cupy", 1)(ctx.dims, _NUMPY_DTYPE[x.dtype], ctx.has_bias, ctx.residual)
         g = _run_plan(plan, x.device, x=x, weight=weight, dout=dout.contiguous())
         return tuple(g.get(name) if need else None
-                     for name, need in zip(("dx", "dweight", "dbias"), ctx.needs_input_grad))
+                     for name, need in zip(("dx", "dweight", "dbias"), ctx.needs_input_grad[:3])) + (None,)
 
 
 class GroupNormFn(torch.autograd.Function):
@@ -970,20 +970,23 @@ def dmca_attention(q, k, v, groups=4, *, backend="torch"):
 # =========================================================================================
 # wiring into the twins
 # =========================================================================================
-def depthwise_conv2d(x, weight, bias=None, *, backend="torch"):
+def depthwise_conv2d(x, weight, bias=None, *, residual=False, backend="torch"):
     """x (B, C, H, W), weight (C, 1, kh, kw) with kh, kw odd, bias (C,) or None -> (B, C, H, W):
-    the depthwise convolution with stride 1 and zero padding (kh // 2, kw // 2)."""
+    the depthwise convolution with stride 1 and zero padding (kh // 2, kw // 2); with
+    ``residual``, x + that convolution (on CuPy added inside the kernels, forward and backward)."""
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
         raise ValueError(f"depthwise_conv2d: x must be (B, C, H, W) and weight (C, 1, kh, kw) with the same C, "
                          f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     if weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
         raise ValueError(f"depthwise_conv2d: weight's kernel size must be odd (a 'same' convolution), "
                          f"got {tuple(weight.shape[2:])}")
-    if not uses_kernel("depthwise_conv2d", backend):
-        return depthwise_conv2d_torch(x, weight, bias)
     if uses_plans("depthwise_conv2d", backend):
-        return PlannedDepthwiseConv2dFn.apply(x, weight, bias)
-    return DepthwiseConv2dFn.apply(backend, x, weight, bias)
+        return PlannedDepthwiseConv2dFn.apply(x, weight, bias, bool(residual))
+    if not uses_kernel("depthwise_conv2d", backend):
+        out = depthwise_conv2d_torch(x, weight, bias)
+    else:
+        out = DepthwiseConv2dFn.apply(backend, x, weight, bias)
+    return x + out if residual else out
 
 
 def group_norm(x, weight, bias, num_groups, eps=1e-5, *, backend="torch"):

@@ -40,7 +40,7 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        h = h + self.dwconv(h)
+        h = self.dwconv(h, residual=True)                   # h + dwconv(h)
         return self.fc2(self.act(h))
 
 
@@ -140,7 +140,7 @@ class SparXVSSBlock(nn.Module):
     def forward(self, x, shortcut=None, record=False):
         if isinstance(shortcut, (list, tuple)):
             shortcut = torch.cat(shortcut, dim=1)
-        x = x + self.pos_embed(x)
+        x = self.pos_embed(x, residual=True)                # x + pos_embed(x)
         op_out = self.op(self.norm(x), shortcut, record=record)
         if record:
             self.op.extras["op"] = op_out.detach()

@@ -165,3 +165,44 @@ def test_depthwise_conv_rejects_bad_input_naming_the_argument(device, backend, r
         bwd(dev.put(np.zeros((1, 3, 4, 5), np.float32)), cache)
     with pytest.raises(TypeError, match="dout"):
         bwd(dev.put(np.zeros((1, 3, 4, 4), np.float64)), cache)
+
+
+# ------------------------------------------------------------ CuPy's CUDA C on the CPU
+@pytest.fixture(scope="module")
+def emulated_conv(tmp_path_factory):
+    """sparx_ref.kernels.cupy.conv with its CUDA C built by g++ (float32, std::thread per thread)."""
+    if registry.runtime_missing("cupy") is None:
+        pytest.skip("a GPU is here: the CuPy backend is tested for real")
+    from sparx_ref.kernels.cupy import conv
+    from tests.kernels.test_scan_kernels import cuda_c_on_cpu
+    with cuda_c_on_cpu(conv, tmp_path_factory.mktemp("conv_emu")) as module:
+        yield module
+
+
+@pytest.mark.parametrize("version", ["naive", "strip"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape,k,with_bias", [((3, 2, 5, 7), 3, True), ((2, 3, 4, 9), 5, False)])
+def test_cupy_conv_plans_on_cpu_emulation(emulated_conv, monkeypatch, version, residual, shape, k, with_bias, rng):
+    """The CuPy plans the twins replay (launch geometry, buffer wiring, the CUDA C), including the
+    ``residual`` form (x + conv(x), and dout added into dx), against the float64 reference."""
+    from sparx_ref.kernels.cupy._plan import cupy_address, run
+    monkeypatch.setattr(emulated_conv, "_sm_count", lambda: 2)       # several batch slices
+    B, C, H, W = shape
+    x, weight, bias, dout = (None if a is None else a.astype(np.float32)
+                             for a in _case(rng, B, C, H, W, k, k, with_bias))
+    f64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    ref_out, cache = ref_layers.depthwise_conv2d_fwd(f64(x), f64(weight), f64(bias))
+    ref = ref_layers.depthwise_conv2d_bwd(f64(dout), cache)
+    if residual:
+        ref_out, ref["x"] = ref_out + f64(x), ref["x"] + f64(dout)
+    dims, nan = (B, C, H, W, k, k), (lambda s, dtype: np.full(s, np.nan, dtype))
+    w2 = weight.reshape(C, k * k)
+    out = run(emulated_conv.fwd_plan(version, dims, np.float32, with_bias, residual),
+              {"x": x, "weight": w2, "bias": bias}, nan, np.zeros, cupy_address)["out"]
+    g = run(emulated_conv.bwd_plan(version, dims, np.float32, with_bias, residual),
+            {"x": x, "weight": w2, "dout": dout}, nan, np.zeros, cupy_address)
+    assert_close(out, ref_out, np.float32, "kernel", name="out")
+    assert_close(g["dx"], ref["x"], np.float32, "kernel", name="dx")
+    assert_close(g["dweight"], ref["weight"], np.float32, "kernel", name="dweight")
+    if with_bias:
+        assert_close(g["dbias"], ref["bias"], np.float32, "kernel", name="dbias")

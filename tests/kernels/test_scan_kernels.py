@@ -364,6 +364,7 @@ def test_poisoning_really_fills_outputs_with_nan():
 # Numba twin) against the reference, without a GPU. Launch configurations mirror the host code.
 # ---------------------------------------------------------------------------------------
 _EMU_HEADER = r"""
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -386,6 +387,8 @@ static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 #define __forceinline__ inline
 #define __shared__ static
 #define __restrict__
+using std::min;                          // CUDA's integer min/max (same-typed arguments)
+using std::max;
 static inline int emu_tid() { return threadIdx.x + blockDim.x * threadIdx.y; }
 static inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 static inline void __syncwarp() { g_warp_bar[emu_tid() / 32]->arrive_and_wait(); }

@@ -306,6 +306,43 @@ def test_cupy_results_are_views_of_torch_memory_that_outlive_the_call(rng):
     del churn
 
 
+def residual_case(rng, dtype, device):
+    x, w, b = t(rng, 2, 3, 5, 6, dtype=dtype, device=device), t(rng, 3, 1, 3, 3, dtype=dtype, device=device), \
+        t(rng, 3, dtype=dtype, device=device)
+    return x, w, b
+
+
+def check_residual(x, w, b, backend, dtype_name, kind):
+    """depthwise_conv2d(residual=True) on ``backend`` against x + the torch form's convolution."""
+    got = ops.depthwise_conv2d(x, w, b, residual=True, backend=backend)
+    ref = x + ops.depthwise_conv2d(x, w, b)
+    assert_close(got, ref, dtype_name, kind, "x + conv(x)")
+    dout = torch.randn_like(ref)
+    for name, g, r in zip("xwb", torch.autograd.grad((got * dout).sum(), (x, w, b)),
+                          torch.autograd.grad((ref * dout).sum(), (x, w, b))):
+        assert_close(g, r, dtype_name, kind, f"d{name}")
+
+
+def test_residual_depthwise_conv_cpu(rng, oracle_backend):
+    """x + conv(x) in one call: on torch, and through the kernels' Function (the oracle as kernels,
+    gradcheck in float64)."""
+    x, w, b = residual_case(rng, torch.float64, "cpu")
+    check_residual(x, w, b, "torch", "float64", "two_views")
+    check_residual(x, w, b, oracle_backend, "float64", "backend")
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.depthwise_conv2d(*a, residual=True, backend=oracle_backend), (x, w, b))
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_residual_depthwise_conv_gpu(rng, backend):
+    """On CuPy the sum is made inside the planned kernels, forward and backward."""
+    if "depthwise_conv2d" not in present(backend) or ops._cudasim():
+        pytest.skip(f"{backend} not usable here")
+    x, w, b = residual_case(rng, torch.float32, "cuda")
+    check_residual(x, w, b, backend, "float32", "backend")
+
+
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
 @pytest.mark.parametrize("op", ["depthwise_conv2d", "ss2d_scan", "dmca_attention", "cross_scan", "cross_merge",
                                 "group_norm"])

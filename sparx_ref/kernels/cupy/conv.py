@@ -26,6 +26,11 @@ The ladder (registry rows in :mod:`sparx_ref.kernels.registry`):
   kernel adds the slices in order. x and dy are each read once, dx written once; no atomics,
   so the result is the same bit for bit on every run.
 
+The plans (:func:`fwd_plan`, :func:`bwd_plan`) also take ``residual``: the forward then writes
+x + conv(x) and the backward adds dout into dx, in the same kernels (the pattern ``x + dwconv(x)``
+of SparX-Mamba's positional and MLP convolutions: no separate add over the map, forward or
+backward). The array functions keep the reference ops' signatures (no residual).
+
 Bytes a call must move (the floor the benchmarks report): forward reads x and writes out
 (2 x B*C*H*W elements); backward reads x and dy and writes dx (3 x). Flops: 2*kh*kw per
 output forward, 4*kh*kw per element backward (input and filter gradients).
@@ -87,7 +92,7 @@ __device__ __forceinline__ REAL warp_sum(REAL v) {
 
 // ---- naive: one thread per output element --------------------------------------------
 extern "C" __global__ void dw_fwd_naive(const REAL* __restrict__ x, const REAL* __restrict__ weight,
-                                        const REAL* __restrict__ bias, int has_bias, int flip,
+                                        const REAL* __restrict__ bias, int has_bias, int flip, int residual,
                                         REAL* __restrict__ out, unsigned total, unsigned C, unsigned H,
                                         unsigned W) {
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -107,6 +112,7 @@ extern "C" __global__ void dw_fwd_naive(const REAL* __restrict__ x, const REAL* 
             if (s >= 0 && s < (int)W) acc += tap(weight, c, i, j, flip) * xp[r * W + s];
         }
     }
+    if (residual) acc += xp[h * W + w];              // x + conv(x): the source added last
     out[idx] = acc;
 }
 
@@ -144,7 +150,7 @@ extern "C" __global__ void dw_wgrad_naive(const REAL* __restrict__ x, const REAL
 // ---- strip: V outputs of one row per thread ------------------------------------------
 // Item = ((b * C + c) * H + h) * NQ + q covers outputs (h, q*V .. q*V + V-1) of plane (b, c).
 extern "C" __global__ void dw_fwd_strip(const REAL* __restrict__ x, const REAL* __restrict__ weight,
-                                        const REAL* __restrict__ bias, int has_bias, int flip,
+                                        const REAL* __restrict__ bias, int has_bias, int flip, int residual,
                                         REAL* __restrict__ out, unsigned items, unsigned C, unsigned H,
                                         unsigned W, unsigned NQ) {
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -156,7 +162,7 @@ extern "C" __global__ void dw_fwd_strip(const REAL* __restrict__ x, const REAL* 
     const int c = plane % C;
     const int w0 = q * V;
     const REAL* xp = x + plane * H * W;
-    REAL acc[V];
+    REAL acc[V], centre[V];                          // centre: the source at the outputs (residual)
     const REAL b0 = has_bias ? bias[c] : (REAL)0;
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = b0;
@@ -171,6 +177,10 @@ extern "C" __global__ void dw_fwd_strip(const REAL* __restrict__ x, const REAL* 
             const int col = w0 - PW + s;
             seg[s] = (col >= 0 && col < (int)W) ? row[col] : (REAL)0;
         }
+        if (i == PH) {                               // the outputs' own row (r == h, always inside)
+#pragma unroll
+            for (int v = 0; v < V; ++v) centre[v] = seg[v + PW];
+        }
 #pragma unroll
         for (int j = 0; j < KW; ++j) {
             const REAL t = tap(weight, c, i, j, flip);
@@ -181,7 +191,7 @@ extern "C" __global__ void dw_fwd_strip(const REAL* __restrict__ x, const REAL* 
     REAL* op = out + plane * H * W + h * W;
 #pragma unroll
     for (int v = 0; v < V; ++v)
-        if (w0 + v < (int)W) op[w0 + v] = acc[v];
+        if (w0 + v < (int)W) op[w0 + v] = residual ? acc[v] + centre[v] : acc[v];
 }
 
 // Fused backward. Block (c, slice) covers images [slice*BPS, slice*BPS + BPS) of channel c.
@@ -190,8 +200,8 @@ extern "C" __global__ void dw_fwd_strip(const REAL* __restrict__ x, const REAL* 
 // gets the block's sum for tap k (k == KK: the bias).
 extern "C" __global__ void dw_bwd_strip(const REAL* __restrict__ x, const REAL* __restrict__ dy,
                                         const REAL* __restrict__ weight, REAL* __restrict__ dx,
-                                        REAL* __restrict__ part, unsigned B, unsigned C, unsigned H,
-                                        unsigned W, unsigned NQ, unsigned BPS) {
+                                        REAL* __restrict__ part, int residual, unsigned B, unsigned C,
+                                        unsigned H, unsigned W, unsigned NQ, unsigned BPS) {
     __shared__ REAL red[NWARPS][KK + 1];
     const unsigned c = blockIdx.x, slice = blockIdx.y;
     const unsigned b_start = slice * BPS;
@@ -242,7 +252,7 @@ extern "C" __global__ void dw_bwd_strip(const REAL* __restrict__ x, const REAL* 
         REAL* dxp = dx + base + h * W;
 #pragma unroll
         for (int v = 0; v < V; ++v)
-            if (w0 + v < (int)W) dxp[w0 + v] = acc[v];
+            if (w0 + v < (int)W) dxp[w0 + v] = residual ? acc[v] + centre[v] : acc[v];
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -329,37 +339,40 @@ def _check_inputs(x, weight, bias):
     return x, weight.reshape(C, kh * kw), bias, dtype, dims
 
 
-def _correlate_launch(version, src, weight, bias, flip, out, dims, dtype):
+def _correlate_launch(version, src, weight, bias, flip, out, dims, dtype, residual=False):
     """The launch of out = src correlated with each channel's filter (turned 180 degrees if
-    flip) + bias; the array arguments are buffer names (bias None: no bias)."""
+    flip) + bias (+ src itself if residual); the array arguments are buffer names (bias None: no
+    bias)."""
     B, C, H, W, kh, kw = dims
     has_bias = bias is not None
     bias_arg = bias if has_bias else weight          # never read when has_bias == 0
     if version == "naive":
         total = B * C * H * W
         return Launch(_kernel(dtype, kh, kw, "dw_fwd_naive"), _blocks(total), (_THREADS,), (
-            src, weight, bias_arg, _i(has_bias), _i(flip), out, _u(total), _u(C), _u(H), _u(W)))
+            src, weight, bias_arg, _i(has_bias), _i(flip), _i(residual), out, _u(total), _u(C), _u(H), _u(W)))
     nq = (W + STRIP - 1) // STRIP
     items = B * C * H * nq
     return Launch(_kernel(dtype, kh, kw, "dw_fwd_strip"), _blocks(items), (_THREADS,), (
-        src, weight, bias_arg, _i(has_bias), _i(flip), out, _u(items), _u(C), _u(H), _u(W), _u(nq)))
+        src, weight, bias_arg, _i(has_bias), _i(flip), _i(residual), out, _u(items), _u(C), _u(H), _u(W), _u(nq)))
 
 
 @plan_cache
-def fwd_plan(version, dims, dtype, has_bias):
+def fwd_plan(version, dims, dtype, has_bias, residual=False):
     """The :class:`._plan.Plan` of a forward: inputs "x" (B, C, H, W), "weight" (C, kh*kw) and,
-    if has_bias, "bias" (C,); output buffer "out" (B, C, H, W). dims = (B, C, H, W, kh, kw)."""
+    if has_bias, "bias" (C,); output buffer "out" (B, C, H, W) = conv(x), or x + conv(x) if
+    ``residual`` (the sum computed as conv(x) + x, in the kernel). dims = (B, C, H, W, kh, kw)."""
     dtype = np.dtype(dtype)
     B, C, H, W, kh, kw = dims
     launches = () if B * H * W == 0 else (   # an empty map: no (empty) grid to launch
-        _correlate_launch(version, "x", "weight", "bias" if has_bias else None, 0, "out", dims, dtype),)
+        _correlate_launch(version, "x", "weight", "bias" if has_bias else None, 0, "out", dims, dtype, residual),)
     return Plan(dtype, (("out", (B, C, H, W)),), launches)
 
 
 @plan_cache
-def bwd_plan(version, dims, dtype, has_bias):
+def bwd_plan(version, dims, dtype, has_bias, residual=False):
     """The plan of a backward: inputs "x", "weight" (as in :func:`fwd_plan`) and "dout"; output
-    buffers "dx" (B, C, H, W), "dweight" (C, 1, kh, kw) and, if has_bias, "dbias" (C,)."""
+    buffers "dx" (B, C, H, W), "dweight" (C, 1, kh, kw) and, if has_bias, "dbias" (C,). With
+    ``residual`` (the forward was x + conv(x)) dx gets dout added in the kernel."""
     dtype = np.dtype(dtype)
     B, C, H, W, kh, kw = dims
     kk = kh * kw
@@ -367,7 +380,8 @@ def bwd_plan(version, dims, dtype, has_bias):
     scratch = ()
     buffers = [("dx", (B, C, H, W)), ("dweight", (C, 1, kh, kw))] + ([("dbias", (C,))] if has_bias else [])
     if version == "naive":
-        launches = [] if B * H * W == 0 else [_correlate_launch("naive", "dout", "weight", None, 1, "dx", dims, dtype)]
+        launches = [] if B * H * W == 0 else [
+            _correlate_launch("naive", "dout", "weight", None, 1, "dx", dims, dtype, residual)]
         launches.append(Launch(_kernel(dtype, kh, kw, "dw_wgrad_naive"), (C, kk + 1), (_THREADS,), (
             "x", "dout", "dweight", db_arg, _i(has_bias), _u(B), _u(C), _u(H), _u(W))))
     else:
@@ -378,7 +392,8 @@ def bwd_plan(version, dims, dtype, has_bias):
         scratch = (("part", (slices * C * (kk + 1),)),)
         launches = [
             Launch(_kernel(dtype, kh, kw, "dw_bwd_strip"), (C, slices), (_THREADS,), (
-                "x", "dout", "weight", "dx", "part", _u(B), _u(C), _u(H), _u(W), _u(nq), _u(per_slice))),
+                "x", "dout", "weight", "dx", "part", _i(residual), _u(B), _u(C), _u(H), _u(W), _u(nq),
+                _u(per_slice))),
             Launch(_kernel(dtype, kh, kw, "dw_bwd_finish"), _blocks(C * (kk + 1)), (_THREADS,), (
                 "part", "dweight", db_arg, _i(has_bias), _i(slices), _i(C)))]
     return Plan(dtype, tuple(buffers), tuple(launches), scratch=scratch)
