@@ -15,7 +15,8 @@ window_attention    q, k, v (Bw, heads, N, hd); bias (heads, N, N); mask   windo
                     (nW, N, N) or None -> (out, probs)
 dmca_attention      q, k (B, C, Ls); v (B, C, L); groups -> (out, attn)    dmca_attention_fwd / _bwd
 depthwise_conv2d    x (B, C, H, W); weight (C, 1, kh, kw), kh, kw odd;     depthwise_conv2d_fwd / _bwd
-                    bias (C,) or None -> (B, C, H, W) (stride 1, "same")
+                    bias (C,) or None -> (B, C, H, W) (stride 1, "same");
+                    residual=True: x + that, fused in the CuPy kernels
 group_norm          x (B, C, *spatial); weight, bias (C,) or None;          group_norm_fwd / _bwd
                     num_groups, eps -> x.shape
 ==================  =====================================================  ==========================

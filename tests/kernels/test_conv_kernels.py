@@ -171,11 +171,8 @@ def test_depthwise_conv_rejects_bad_input_naming_the_argument(device, backend, r
 @pytest.fixture(scope="module")
 def emulated_conv(tmp_path_factory):
     """sparx_ref.kernels.cupy.conv with its CUDA C built by g++ (float32, std::thread per thread)."""
-    if registry.runtime_missing("cupy") is None:
-        pytest.skip("a GPU is here: the CuPy backend is tested for real")
-    from sparx_ref.kernels.cupy import conv
-    from tests.kernels.test_scan_kernels import cuda_c_on_cpu
-    with cuda_c_on_cpu(conv, tmp_path_factory.mktemp("conv_emu")) as module:
+    from tests.kernels.test_scan_kernels import emulated_cupy_module
+    with emulated_cupy_module("conv", tmp_path_factory) as module:
         yield module
 
 

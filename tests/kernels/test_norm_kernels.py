@@ -195,11 +195,8 @@ def test_group_norm_dims_flattens_the_spatial_axes():
 @pytest.fixture(scope="module")
 def emulated_norm(tmp_path_factory):
     """sparx_ref.kernels.cupy.norm with its CUDA C built by g++ (float32, std::thread per thread)."""
-    if registry.runtime_missing("cupy") is None:
-        pytest.skip("a GPU is here: the CuPy backend is tested for real")
-    from sparx_ref.kernels.cupy import norm
-    from tests.kernels.test_scan_kernels import cuda_c_on_cpu
-    with cuda_c_on_cpu(norm, tmp_path_factory.mktemp("norm_emu")) as module:
+    from tests.kernels.test_scan_kernels import emulated_cupy_module
+    with emulated_cupy_module("norm", tmp_path_factory) as module:
         yield module
 
 

@@ -536,13 +536,22 @@ def cuda_c_on_cpu(module, root):
             sys.modules["cupy"] = saved_cupy
 
 
+@contextlib.contextmanager
+def emulated_cupy_module(name, tmp_path_factory):
+    """``sparx_ref.kernels.cupy.<name>`` with a CPU stand-in for CuPy (:func:`cuda_c_on_cpu`), for
+    a module-scoped fixture; skips where a GPU is here (the CuPy backend is then tested for real)."""
+    import importlib
+    if kernels.runtime_missing("cupy") is None:
+        pytest.skip("a GPU is here: the CuPy backend is tested for real")
+    module = importlib.import_module(f"sparx_ref.kernels.cupy.{name}")
+    with cuda_c_on_cpu(module, tmp_path_factory.mktemp(f"{name}_emu")) as emulated:
+        yield emulated
+
+
 @pytest.fixture(scope="module")
 def fake_cupy(tmp_path_factory):
     """sparx_ref.kernels.cupy.scan with a CPU stand-in for CuPy (:func:`cuda_c_on_cpu`)."""
-    if kernels.runtime_missing("cupy") is None:
-        pytest.skip("a GPU is here: the CuPy backend is tested for real")
-    from sparx_ref.kernels.cupy import scan as cupy_scan
-    with cuda_c_on_cpu(cupy_scan, tmp_path_factory.mktemp("scan_emu")) as module:
+    with emulated_cupy_module("scan", tmp_path_factory) as module:
         yield module
 
 
