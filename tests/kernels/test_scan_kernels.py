@@ -446,6 +446,7 @@ class _FakeCupy:
         self.asarray = np.asarray
         self.ascontiguousarray = np.ascontiguousarray
         self.zeros, self.empty, self.full = np.zeros, np.empty, np.full
+        self.is_available = lambda: False      # no GPU behind it: CuPy-backend tests skip as on any CPU
         self.cuda = types.SimpleNamespace(
             Device=lambda: types.SimpleNamespace(attributes={"MaxSharedMemoryPerBlockOptin": 227 * 1024}))
 
