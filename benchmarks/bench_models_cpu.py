@@ -41,7 +41,7 @@ from sparx_ref.torch_models import build_model, ops  # noqa: E402
 
 MODELS = ("sparx_mamba_t", "swin_t", "sparx_swin_t")
 BACKENDS = ("torch", "numba_cpu")
-CALLS = {"sparx_mamba_t": ("selective_scan", "cross_scan", "cross_merge", "dmca_attention"),
+CALLS = {"sparx_mamba_t": ("ss2d_scan", "cross_scan", "dmca_attention"),   # ss2d_core: fused scan + projection cross-scan
          "swin_t": ("window_attention",), "sparx_swin_t": ("window_attention", "dmca_attention")}  # hot ops
 
 
