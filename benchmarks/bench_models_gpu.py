@@ -4,7 +4,8 @@ sparx_mamba_t, swin_t and sparx_swin_t at 224x224, float32, one card, one run, f
 ``kernel_backend`` "torch" (plain PyTorch: the scan is a Python loop over the sequence) and
 each GPU backend ("numba_cuda", "cupy"):
 
-- training img/s at batch 64: forward, cross-entropy loss, backward, AdamW step;
+- training img/s at batch 64: forward, cross-entropy loss, backward, AdamW step (``--adamw``:
+  PyTorch's default foreach implementation unless told, the same for every backend);
 - inference img/s at batch 128: forward under ``torch.no_grad()`` in eval mode;
 - peak memory of each phase (``torch.cuda.max_memory_allocated``; the kernels' own arrays
   come from PyTorch's caching allocator too, see :mod:`sparx_ref.torch_models.ops`), with
@@ -13,7 +14,8 @@ each GPU backend ("numba_cuda", "cupy"):
 - a correctness check: eval logits of 8 images vs kernel_backend "torch" on the same weights.
 
 Each phase: warm-up iterations (the first one compiles the kernels), then timed iterations
-(CUDA-synchronised wall clock) until ``--iters`` or ``--phase-seconds`` is reached, at least
+back to back, as a training loop runs them, between two CUDA synchronisations (wall clock;
+``--sync-each-step`` synchronises after each one, as the runs before 2026-11-27 16:00 did) until ``--iters`` or ``--phase-seconds`` is reached, at least
 one. The pure-torch scan of SparX-Mamba takes tens of seconds an iteration at batch 64, so it
 gets 1 warm-up and 1-2 timed iterations; the table says how many each figure averages.
 
@@ -114,10 +116,16 @@ class GCPauses:
         gc.callbacks.remove(self)
 
 
-def timed_loop(step, warmup: int, iters: int, phase_seconds: float):
+def timed_loop(step, warmup: int, iters: int, phase_seconds: float, sync_each_step: bool = False):
     """Run ``step`` warmup times, then time up to ``iters`` calls (at least one) within
     ``phase_seconds``; returns (seconds per iteration, iterations timed, first-call seconds,
-    garbage-collector seconds per timed iteration)."""
+    garbage-collector seconds per timed iteration).
+
+    The timed calls run back to back, as in a training loop, with one CUDA synchronisation
+    before and one after them: the host queues step i+1 while the GPU still runs step i, so a
+    step costs the larger of its host time and its GPU time. ``sync_each_step`` synchronises after
+    every call instead (each step then costs its host time plus the GPU work still queued when
+    the host is done: the figures of the runs before 2026-11-27 16:00)."""
     t0 = time.perf_counter()
     step()
     sync()
@@ -125,17 +133,31 @@ def timed_loop(step, warmup: int, iters: int, phase_seconds: float):
     for _ in range(warmup - 1):
         step()
     sync()
-    done, spent = 0, 0.0
+    done = 0
     with GCPauses() as pauses:
         t0 = time.perf_counter()
         while done < iters:
             step()
-            sync()
+            if sync_each_step:
+                sync()
             done += 1
-            spent = time.perf_counter() - t0
-            if done and spent + spent / done > phase_seconds:
+            spent = time.perf_counter() - t0   # host time so far: only decides when to stop
+            if spent + spent / done > phase_seconds:
                 break
+        sync()
+        spent = time.perf_counter() - t0
     return spent / done, done, first, pauses.seconds / done
+
+
+def make_optimizer(model, impl: str):
+    """AdamW(lr 1e-4, weight decay 0.05), the same for every backend. ``impl``: "fused" (one
+    multi-tensor CUDA kernel family, PyTorch's fastest on a GPU) or "foreach" (PyTorch's default
+    on CUDA: a handful of multi-tensor ops per parameter group)."""
+    import torch
+    flag = {"fused": {"fused": True}, "foreach": {"foreach": True}}[impl]
+    if DEVICE["name"] != "cuda":
+        flag = {}
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **flag)
 
 
 def build(name: str, backend: str, state=None):
@@ -180,7 +202,7 @@ def bench_one(name, backend, args, reference):
     slow = backend == "torch" and name.startswith("sparx_mamba")
     # --- training, batch 64
     model = build(name, backend, state).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = make_optimizer(model, args.adamw)
     xb = torch.randn(args.train_batch, 3, 224, 224, device=DEVICE["name"])
     yb = torch.randint(0, 1000, (args.train_batch,), device=DEVICE["name"])
 
@@ -192,7 +214,8 @@ def bench_one(name, backend, args, reference):
 
     reset_memory()
     sec, n, first, gc_sec = timed_loop(train_step, 1 if slow else args.warmup, 2 if slow else args.iters,
-                                       args.slow_phase_seconds if slow else args.phase_seconds)
+                                       args.slow_phase_seconds if slow else args.phase_seconds,
+                                       args.sync_each_step)
     row.update(train_img_s=args.train_batch / sec, train_iters=n, train_first_s=first,
                train_peak_gib=peak_gib(), train_gc_ms=gc_sec * 1e3)
     del opt, xb, yb
@@ -206,7 +229,8 @@ def bench_one(name, backend, args, reference):
 
     reset_memory()
     sec, n, first, gc_sec = timed_loop(infer_step, 1 if slow else args.warmup, 2 if slow else args.iters,
-                                       args.slow_phase_seconds if slow else args.phase_seconds)
+                                       args.slow_phase_seconds if slow else args.phase_seconds,
+                                       args.sync_each_step)
     row.update(infer_img_s=args.infer_batch / sec, infer_iters=n, infer_first_s=first,
                infer_peak_gib=peak_gib(), infer_gc_ms=gc_sec * 1e3)
     del model, xi
@@ -221,10 +245,11 @@ def render(meta, rows) -> str:
     card = meta.get("card", "?")
     lines = [f"### GPU: {card}, {meta.get('date', '?')}",
              "",
-             f"float32, 224x224; training = forward + cross-entropy + backward + AdamW step at batch "
-             f"{meta.get('train_batch')}, inference = no_grad forward at batch {meta.get('infer_batch')}; "
+             f"float32, 224x224; training = forward + cross-entropy + backward + AdamW "
+             f"({meta.get('adamw', 'foreach')}) step at batch {meta.get('train_batch')}, inference = no_grad forward at batch {meta.get('infer_batch')}; "
              f"peak = torch.cuda.max_memory_allocated of the phase (kernel arrays come from the same "
-             f"pool); cudnn.benchmark off; {meta.get('flags', '')}. (n) = timed iterations behind a "
+             f"pool); cudnn.benchmark off; {meta.get('flags', '')}; timed steps back to back, CUDA "
+             f"synchronised {'after each step' if meta.get('timing', 'sync each step') == 'sync each step' else 'once after them'}. (n) = timed iterations behind a "
              f"figure; rel err = max|logits - torch| / max|torch| on 8 images, same weights. "
              f"torch {meta.get('torch', '?')}, numba {meta.get('numba', '?')}, cupy {meta.get('cupy', '?')}.",
              "",
@@ -280,6 +305,10 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--phase-seconds", type=float, default=8.0)
     p.add_argument("--slow-phase-seconds", type=float, default=60.0)
+    p.add_argument("--adamw", choices=["foreach", "fused"], default="foreach",
+                   help="AdamW implementation, the same for every backend (default foreach, PyTorch's default on CUDA)")
+    p.add_argument("--sync-each-step", action="store_true",
+                   help="synchronise after every timed step (default: once after the timed steps)")
     p.add_argument("--budget", type=float, default=440.0, help="skip configs once this many seconds passed")
     p.add_argument("--json", type=Path)
     p.add_argument("--from-json", type=Path, help="only render a saved run")
@@ -310,6 +339,7 @@ def main():
     meta = {"card": torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke test)", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": torch.__version__, "numba": numba.__version__, "cupy": cupy_version,
             "python": platform.python_version(), "train_batch": args.train_batch, "infer_batch": args.infer_batch,
+            "adamw": args.adamw, "timing": "sync each step" if args.sync_each_step else "sync after the timed steps",
             "flags": (f"matmul allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
                       f"cudnn allow_tf32={torch.backends.cudnn.allow_tf32}"),
             "notes": []}

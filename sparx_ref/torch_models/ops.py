@@ -573,13 +573,21 @@ def _call_fwd(ctx, op, backend, device, args, kwargs):
     return result, rt
 
 
+def needed_grads(ctx, grads, leading=0, trailing=0, convert=None):
+    """A backward's return value from ``grads``, the gradients of the forward's tensor inputs in
+    order: None for the ``leading`` arguments before them and the ``trailing`` ones after (flags,
+    plans, sizes), and None where autograd does not need a gradient (``ctx.needs_input_grad``).
+    ``convert`` (e.g. array -> tensor) is applied to the needed ones only."""
+    wanted = ctx.needs_input_grad[leading:leading + len(grads)]
+    return ((None,) * leading
+            + tuple((g if convert is None else convert(g)) if need else None for g, need in zip(grads, wanted))
+            + (None,) * trailing)
+
+
 def _input_grads(ctx, grads, keys, leading):
-    """A backward's return value: None for the ``leading`` non-tensor arguments (backend, flags),
-    then the gradient ``grads[key]`` of each tensor input in ``keys`` order, as a tensor, or None
-    where autograd does not need it."""
-    rt = ctx.rt
-    return (None,) * leading + tuple(rt.unwrap(grads[k]) if ctx.needs_input_grad[leading + i] else None
-                                     for i, k in enumerate(keys))
+    """A backward's return value on the array path: :func:`needed_grads` of ``grads[key]`` for each
+    tensor input in ``keys`` order, made tensors."""
+    return needed_grads(ctx, [grads[k] for k in keys], leading, convert=ctx.rt.unwrap)
 
 
 def _call_bwd(ctx, *douts):
@@ -736,8 +744,7 @@ class PlannedDepthwiseConv2dFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         plan = _planner("depthwise_conv2d", "cupy", 1)(ctx.dims, _NUMPY_DTYPE[x.dtype], ctx.has_bias, ctx.residual)
         g = _run_plan(plan, x.device, x=x, weight=weight, dout=dout.contiguous())
-        return tuple(g.get(name) if need else None
-                     for name, need in zip(("dx", "dweight", "dbias"), ctx.needs_input_grad[:3])) + (None,)
+        return needed_grads(ctx, (g["dx"], g["dweight"], g.get("dbias")), trailing=1)
 
 
 class GroupNormFn(torch.autograd.Function):
@@ -779,8 +786,7 @@ class PlannedGroupNormFn(torch.autograd.Function):
         plan = _planner("group_norm", "cupy", 1)(ctx.dims, _NUMPY_DTYPE[x.dtype], weight is not None, ctx.has_bias)
         g = _run_plan(plan, x.device, x=x.view(B, C, S), weight=weight, stats=stats,
                       dout=dout.contiguous().view(B, C, S))
-        grads = (g["dx"].view(x.shape), g.get("dweight"), g.get("dbias"))
-        return (None, None) + tuple(t if need else None for t, need in zip(grads, ctx.needs_input_grad[2:]))
+        return needed_grads(ctx, (g["dx"].view(x.shape), g.get("dweight"), g.get("dbias")), leading=2)
 
 
 class PlannedCrossScanFn(torch.autograd.Function):
@@ -859,8 +865,7 @@ class PlannedSS2DScanFn(torch.autograd.Function):
     def backward(ctx, dy):
         named = dict(zip(_SS2D_INPUTS, ctx.saved_tensors))
         g = _run_plan(_ss2d_bwd_plan(named, ctx.delta_softplus), named["x"].device, dy=dy.contiguous(), **named)
-        return (None, None, None) + tuple(g.get("d" + name) if need else None
-                                          for name, need in zip(_SS2D_INPUTS, ctx.needs_input_grad[3:]))
+        return needed_grads(ctx, [g.get("d" + name) for name in _SS2D_INPUTS], leading=3)
 
 
 class PlannedDMCAAttentionFn(torch.autograd.Function):
@@ -887,8 +892,7 @@ class PlannedDMCAAttentionFn(torch.autograd.Function):
         q, k, v, attn = ctx.saved_tensors
         plan = _planner("dmca_attention", "cupy", 1)(ctx.dims, ctx.groups, _NUMPY_DTYPE[q.dtype])
         g = _run_plan(plan, q.device, q=q, k=k, v=v, attn=attn, dout=dout.contiguous())
-        return (None,) + tuple(g[name] if need else None
-                               for name, need in zip(("dq", "dk", "dv"), ctx.needs_input_grad[1:]))
+        return needed_grads(ctx, (g["dq"], g["dk"], g["dv"]), leading=1)
 
 
 def _planned_ss2d_scan(x, delta, A, B, C, D, delta_bias, delta_softplus):

@@ -189,7 +189,7 @@ class SS2DCoreFn(torch.autograd.Function):
         du = g["x"].view(B, Di, L).baddbmm(proj_w.t().expand(B, -1, -1), dproj)       # (B, Di, L)
         grads = (du.view(B, Di, H, W), d_proj_w.view_as(x_proj_weight), d_dt_w, dA_logs, g["D"],
                  g["delta_bias"].view(K, Di))
-        return (None,) + tuple(t if need else None for t, need in zip(grads, ctx.needs_input_grad[1:]))
+        return _ops.needed_grads(ctx, grads, leading=1)
 
 
 # =========================================================================================
