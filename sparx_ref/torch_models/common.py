@@ -178,10 +178,13 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 class LayerScale(nn.Module):
-    """Per-channel ``w * x + b`` as a depthwise 1x1 conv; weight (C, 1, 1, 1), bias (C,).
-    PyTorch's own convolution on every kernel backend: the GPU work is a few microseconds at the
-    stages that have LayerScale, and PyTorch issues it with a fraction of the host time of an
-    autograd Function (benchmarks/RESULTS.md, "Depthwise convolution kernels")."""
+    """Per-channel ``w * x + b``, the released depthwise 1x1 conv; weight (C, 1, 1, 1), bias (C,)
+    (the released keys). x (B, C, H, W) -> (B, C, H, W).
+
+    Computed as one ``torch.addcmul(b, x, w)`` on every kernel backend: the same arithmetic as the
+    convolution, and at the stages that have LayerScale (SparX-Mamba's 2 and 3, small maps) a
+    training step is bound by host time, where a cuDNN convolution costs several times more than
+    an elementwise op, forward and backward (benchmarks/RESULTS.md, "Whole models")."""
 
     def __init__(self, dim, init_value=1.0):
         super().__init__()
@@ -189,7 +192,9 @@ class LayerScale(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+        if x.dim() != 4 or x.shape[1] != self.bias.shape[0]:
+            raise ValueError(f"LayerScale: x must be (B, {self.bias.shape[0]}, H, W), got shape {tuple(x.shape)}")
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
 
 
 class DropPath(nn.Module):

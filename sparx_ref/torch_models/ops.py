@@ -522,15 +522,21 @@ def _run_plan(plan, device: torch.device, **given):
 
     def zeros(shape, _dtype):
         return torch.zeros(shape, dtype=dtype, device=device)
-    driver = _driver_launches()
-    if driver is not None and _cupy_device() == device.index:
-        return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr, driver, _current_stream_ptr(device.index))
-    stream = _cupy_stream(device.index)
-    if stream is _NO_CONTEXT and _cupy_device() == device.index:
-        return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr)
+
+    def launch(plan):
+        driver = _driver_launches()
+        if driver is not None:
+            return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr, driver,
+                             _current_stream_ptr(device.index))
+        with _cupy_stream(device.index):
+            return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr)
+    if _cupy_device() == device.index:
+        return launch(plan)
+    # the tensors live on another device than the current one: that device's plan (its kernels
+    # are loaded there), launched with that device current
     import cupy
-    with cupy.cuda.Device(device.index), stream:
-        return plans.run(plan, given, empty, zeros, torch.Tensor.data_ptr)
+    with cupy.cuda.Device(device.index):
+        return launch(plan.for_device())
 
 
 _DRIVER: list = []

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sparx_ref.kernels import registry
-from sparx_ref.kernels.cupy._plan import Launch, Plan, replayable, run
+from sparx_ref.kernels.cupy import _plan
+from sparx_ref.kernels.cupy._plan import Launch, Plan, plan_cache, replayable, run
 
 
 def address(a):
@@ -60,6 +61,34 @@ def test_scratch_buffers_share_one_aligned_allocation_and_offsets_address_elemen
     assert calls == [(base, base + 768, address(bufs["out"]) + 16, base + 768 + 8)]
     with pytest.raises(ValueError, match="zeroed"):
         Plan(np.dtype(np.float32), (), (), frozenset({"a"}), (("a", (2,)),))
+
+
+def test_plan_cache_builds_one_plan_per_device_and_for_device_rebuilds_on_the_current_one(monkeypatch):
+    """A plan holds kernels loaded on the device current when it was built: the cache keys plans by
+    that device too, and ``for_device`` gives the same call's plan for the device current now."""
+    built = []
+    device = {"now": 0}
+    monkeypatch.setattr(_plan, "current_device", lambda: device["now"])
+
+    @plan_cache
+    def builder(dims, dtype, *, flag=False):
+        built.append((device["now"], dims, flag))
+        return Plan(np.dtype(dtype), (("out", dims),), ())
+    try:
+        on0 = builder((2, 3), np.float32, flag=True)
+        assert builder((2, 3), np.float32, flag=True) is on0 and len(built) == 1, "cached per device"
+        device["now"] = 1
+        on1 = builder((2, 3), np.float32, flag=True)
+        assert on1 is not on0 and built[-1] == (1, (2, 3), True), "another device: its own plan"
+        assert on0.for_device() is on1, "for_device: the plan of the device current now"
+        device["now"] = 0
+        assert on1.for_device() is on0 and len(built) == 2
+        bare = Plan(np.dtype(np.float32), (), ())
+        assert bare.for_device() is bare, "a plan built by hand has no builder: itself"
+        builder.cache_clear()
+        assert builder((2, 3), np.float32, flag=True) is not on0 and len(built) == 3
+    finally:
+        builder.cache_clear()
 
 
 def test_run_refuses_a_launch_naming_an_absent_buffer():

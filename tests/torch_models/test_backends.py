@@ -92,6 +92,24 @@ def test_real_kernels_match_torch_float32(family, backend, device, rng):
     compare_backends(family, backend, torch.float32, device, rng)
 
 
+@pytest.mark.parametrize("family,backend", [(f, b) for b in ("numba_cuda", "cupy") for f in FAMILIES])
+def test_gpu_kernels_on_a_device_that_is_not_the_current_one(family, backend, rng):
+    """A model on cuda:1 while cuda:0 stays current (one process, several GPUs): the kernels must
+    run on the tensors' device. The same shapes run on cuda:0 first, so the kernels and CuPy launch
+    plans built there are in the caches when cuda:1 asks for them."""
+    if not torch.cuda.is_available() or ops._cudasim() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (simulator off)")
+    missing = kernels.runtime_missing(backend)
+    if missing:
+        pytest.skip(missing)
+    if not any(ops.uses_kernel(op, backend) for op in FAMILY_OPS[family]):
+        pytest.skip(f"no {backend} kernel for {FAMILY_OPS[family]}")
+    torch.cuda.set_device(0)
+    compare_backends(family, backend, torch.float32, "cuda:0", rng)
+    compare_backends(family, backend, torch.float32, "cuda:1", rng)
+    assert torch.cuda.current_device() == 0, "the current device is left as it was"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_oracle_as_kernels_float64(family, rng, monkeypatch):
     """Every hot op of the family goes through an autograd Function (the NumPy oracle as the

@@ -71,6 +71,12 @@ class Plan:
         if self.zeroed & {name for name, _ in self.scratch}:
             raise ValueError("scratch buffers start undefined: a zeroed buffer must be a plain one")
         object.__setattr__(self, "scratch_layout", scratch_layout(self.scratch, self.dtype))
+        object.__setattr__(self, "_again", None)
+
+    def for_device(self) -> "Plan":
+        """This plan as built for the CUDA device current now (a :func:`plan_cache` builder's plan;
+        any other plan is returned as it is)."""
+        return self if self._again is None else self._again()
 
 
 def scratch_layout(scratch, dtype) -> tuple[int, tuple[tuple[str, int], ...]]:
@@ -157,8 +163,8 @@ def _cu_function(kernel) -> int:
 class DriverLaunches:
     """Launch plan kernels with the CUDA driver's ``cuLaunchKernel`` on a raw stream (a
     cudaStream_t as an int, 0 for the legacy default stream), in the calling thread's current
-    context (the kernels must have been loaded in it: one device per process, as CuPy's own
-    caches here assume).
+    context: the plan's kernels must have been loaded in it (:func:`plan_cache` builds a plan per
+    device; :meth:`Plan.for_device`).
     Each launch's packed arguments are built once per thread (so concurrent runs of one plan in
     two threads never share the storage being rewritten)."""
 
@@ -213,12 +219,36 @@ def cupy_address(a) -> int:
 _PLAN_CACHES: list = []
 
 
+def current_device() -> int:
+    """The CUDA device current in the calling thread, as CuPy sees it (0 where CuPy is missing or
+    has no CUDA runtime behind it, as in the kernel tests' CPU stand-in)."""
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    runtime = getattr(getattr(cupy, "cuda", None), "runtime", None)
+    return runtime.getDevice() if runtime is not None else 0
+
+
 def plan_cache(builder: Callable) -> Callable:
-    """Decorator: memoise a plan builder (its arguments are shapes, dtypes and flags). The plans
-    hold compiled kernels, so every such cache is emptied with the modules' kernel caches by
-    :func:`clear_plan_caches` (the kernel tests swap CuPy for a CPU stand-in and back)."""
-    cached = functools.lru_cache(maxsize=None)(builder)
-    _PLAN_CACHES.append(cached)
+    """Decorator: memoise a plan builder (its arguments are shapes, dtypes and flags) per CUDA
+    device: a plan holds kernels loaded on the device current when it was built, sized for it
+    (shared memory opt-in, multiprocessor count), so a call on another device must use that
+    device's plan (:meth:`Plan.for_device`). The plans hold compiled kernels, so every such cache
+    is emptied with the modules' kernel caches by :func:`clear_plan_caches` (the kernel tests swap
+    CuPy for a CPU stand-in and back)."""
+    @functools.lru_cache(maxsize=None)
+    def build(device, args, kwargs):
+        plan = builder(*args, **dict(kwargs))
+        if isinstance(plan, Plan):       # how to build this plan again, on another device
+            object.__setattr__(plan, "_again", functools.partial(cached, *args, **dict(kwargs)))
+        return plan
+
+    @functools.wraps(builder)
+    def cached(*args, **kwargs):
+        return build(current_device(), args, tuple(sorted(kwargs.items())))
+    cached.cache_clear = build.cache_clear
+    _PLAN_CACHES.append(build)
     return cached
 
 
