@@ -33,8 +33,18 @@ CASES = [(2, 5, 9, 11, 3, 3, True), (7, 3, 6, 7, 5, 5, False), (1, 4, 1, 13, 1, 
          (3, 2, 8, 5, 7, 7, True), (2, 3, 5, 6, 3, 5, False)]
 
 
-def main():
+def case_with_reference(rng, dtype, B, C, H, W, kh, kw, with_bias):
+    """Random x, weight, bias (or None) and dout of one case in ``dtype``, with the float64
+    reference forward output and gradients (keys "x", "weight", "bias")."""
     from sparx_ref.ref import layers as ref_layers
+    x, w, d = (rng.standard_normal(s).astype(dtype) for s in ((B, C, H, W), (C, 1, kh, kw), (B, C, H, W)))
+    b = rng.standard_normal(C).astype(dtype) if with_bias else None
+    ref_out, ref_cache = ref_layers.depthwise_conv2d_fwd(
+        x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
+    return x, w, b, d, ref_out, ref_layers.depthwise_conv2d_bwd(d.astype(np.float64), ref_cache)
+
+
+def main():
     from sparx_ref.testing import rel_err
     from sparx_ref.tolerances import tolerance
 
@@ -45,11 +55,7 @@ def main():
             tol = tolerance(dtype, "kernel")
             worst = 0.0
             for B, C, H, W, kh, kw, with_bias in CASES:
-                x, w, d = (rng.standard_normal(s).astype(dtype) for s in ((B, C, H, W), (C, 1, kh, kw), (B, C, H, W)))
-                b = rng.standard_normal(C).astype(dtype) if with_bias else None
-                ref_out, ref_cache = ref_layers.depthwise_conv2d_fwd(
-                    x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
-                ref_g = ref_layers.depthwise_conv2d_bwd(d.astype(np.float64), ref_cache)
+                x, w, b, d, ref_out, ref_g = case_with_reference(rng, dtype, B, C, H, W, kh, kw, with_bias)
                 out, cache = fwd(put(x), put(w), None if b is None else put(b))
                 grads = bwd(put(d), cache)
                 errs = {"out": rel_err(_host(out), ref_out)}
@@ -78,7 +84,6 @@ def residual_plans(rng):
     except ImportError as err:
         print(f"residual plans skipped: {err}")
         return []
-    from sparx_ref.ref import layers as ref_layers
     from sparx_ref.testing import rel_err
     from sparx_ref.tolerances import tolerance
 
@@ -87,11 +92,7 @@ def residual_plans(rng):
         for dtype in (np.float32, np.float64):
             tol, worst = tolerance(dtype, "kernel"), 0.0
             for B, C, H, W, kh, kw, with_bias in CASES:
-                x, w, d = (rng.standard_normal(s).astype(dtype) for s in ((B, C, H, W), (C, 1, kh, kw), (B, C, H, W)))
-                b = rng.standard_normal(C).astype(dtype) if with_bias else None
-                ref_out, ref_cache = ref_layers.depthwise_conv2d_fwd(
-                    x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
-                ref_g = ref_layers.depthwise_conv2d_bwd(d.astype(np.float64), ref_cache)
+                x, w, b, d, ref_out, ref_g = case_with_reference(rng, dtype, B, C, H, W, kh, kw, with_bias)
                 given = {"x": cp.asarray(x), "weight": cp.asarray(w.reshape(C, kh * kw)),
                          "bias": None if b is None else cp.asarray(b)}
                 dims = (B, C, H, W, kh, kw)
