@@ -162,6 +162,7 @@ def test_driver_launches_of_a_plan_hand_cuLaunchKernel_each_launch_in_order():
         return 0
     launcher = DriverLaunches.__new__(DriverLaunches)
     launcher._launch, launcher._local = cu_launch_kernel, threading.local()
+    launcher._ctx_get_current = lambda out: setattr(out._obj, "value", 0xC0) or 0   # a context is current
     x = np.arange(3.0)
     for _ in range(2):                                   # the second call reuses the packing
         calls.clear()
@@ -172,6 +173,47 @@ def test_driver_launches_of_a_plan_hand_cuLaunchKernel_each_launch_in_order():
         assert ctypes.c_int32.from_address(slots1[1]).value == 9
         assert ctypes.c_void_p.from_address(slots1[2]).value == address(bufs["out"]) + 2 * 8
         assert ctypes.c_void_p.from_address(slots2[0]).value == address(bufs["out"])
+
+
+def test_driver_launches_bind_a_context_in_a_thread_that_has_none(monkeypatch):
+    """A thread where no CUDA runtime call has run yet (PyTorch's autograd worker for device 0)
+    has no current context, and cuLaunchKernel would fail there with CUDA_ERROR_INVALID_CONTEXT:
+    the first launch in each thread binds one through the runtime, then launches; a thread that
+    already has one is left alone, and a failed binding is a clear error (no GPU needed)."""
+    import threading
+
+    from sparx_ref.kernels.cupy import _plan as plan_module
+    from sparx_ref.kernels.cupy._plan import DriverLaunches
+    kernel = type("FakeFunction", (), {"ptr": 0x1000})()
+    plan = Plan(np.dtype(np.float32), (), (Launch(kernel, (1,), (32,), ("x",)),))
+    context = {"current": 0}             # per process here; the check is once per thread
+    binds, launches = [], []
+
+    def ctx_get_current(out):
+        out._obj.value = context["current"]
+        return 0
+    monkeypatch.setattr(plan_module, "bind_runtime_context",
+                        lambda: binds.append(threading.get_ident()) or context.update(current=0xC0))
+    launcher = DriverLaunches.__new__(DriverLaunches)
+    launcher._local, launcher._ctx_get_current = threading.local(), ctx_get_current
+    launcher._launch = lambda *args: launches.append(context["current"]) or 0
+    x = np.zeros(4, np.float32)
+    run(plan, {"x": x}, np.empty, np.zeros, address, launcher, 0)
+    assert binds == [threading.get_ident()] and launches == [0xC0], "bound first, then launched"
+    run(plan, {"x": x}, np.empty, np.zeros, address, launcher, 0)
+    assert len(binds) == 1 and len(launches) == 2, "checked once per thread"
+    other = threading.Thread(target=run, args=(plan, {"x": x}, np.empty, np.zeros, address, launcher, 0))
+    other.start()
+    other.join()
+    assert len(binds) == 1 and len(launches) == 3, "a thread with a current context binds nothing"
+
+    context["current"] = 0
+    monkeypatch.setattr(plan_module, "bind_runtime_context", lambda: None)   # binding does nothing
+    failing = DriverLaunches.__new__(DriverLaunches)
+    failing._local, failing._ctx_get_current, failing._launch = threading.local(), ctx_get_current, launcher._launch
+    with pytest.raises(RuntimeError, match="no CUDA context is current in this thread"):
+        run(plan, {"x": x}, np.empty, np.zeros, address, failing, 0)
+    assert len(launches) == 3, "nothing launched without a context"
 
 
 def test_driver_launches_match_cupy_kernel_calls_on_the_gpu():

@@ -360,6 +360,36 @@ def test_cupy_twin_ops_run_launch_plans(op, rng):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")
+def test_cupy_plans_launch_from_a_new_thread(rng):
+    """A thread that has made no CUDA runtime call has no current context (PyTorch's autograd
+    worker for device 0 is one): the plans' driver launches must still run there, with the same
+    result as on the main thread (the backward included)."""
+    import threading
+    if "group_norm" not in present("cupy") or ops._cudasim():
+        pytest.skip("cupy not usable here")
+    x, w, b = (t(rng, *shape, dtype=torch.float32, device="cuda") for shape in ((2, 8, 5, 5), (8,), (8,)))
+
+    def forward_backward():
+        out = ops.group_norm(x, w, b, 2, 1e-5, backend="cupy")
+        return (out.detach(),) + torch.autograd.grad((out * out).sum(), (x, w, b))
+    ref = forward_backward()
+    got, errors = [], []
+
+    def in_thread():
+        try:
+            got.append(forward_backward())
+            torch.cuda.synchronize()
+        except Exception as err:        # surfaced below, in the test's own thread
+            errors.append(err)
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert not errors, f"{type(errors[0]).__name__}: {errors[0]}"
+    for name, a, r in zip(("out", "dx", "dweight", "dbias"), got[0], ref):
+        assert torch.equal(a, r), f"{name} differs when run from a new thread"
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
 @pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
 def test_gpu_functions_follow_the_current_stream(backend, rng):
     if "dmca_attention" not in present(backend) or ops._cudasim():

@@ -166,7 +166,14 @@ class DriverLaunches:
     context: the plan's kernels must have been loaded in it (:func:`plan_cache` builds a plan per
     device; :meth:`Plan.for_device`).
     Each launch's packed arguments are built once per thread (so concurrent runs of one plan in
-    two threads never share the storage being rewritten)."""
+    two threads never share the storage being rewritten).
+
+    A driver launch needs a context current in the calling thread, which the runtime API binds
+    only lazily: a thread that has made no runtime call yet has none. PyTorch's autograd worker
+    for device 0 is such a thread when a backward starts with one of our nodes (its device is
+    already "0", so it never calls cudaSetDevice). So the first launch in each thread checks
+    (``cuCtxGetCurrent``) and, where there is none, lets the runtime bind the current device's
+    primary context (``cudaFree(0)``)."""
 
     _lib = None
 
@@ -175,9 +182,27 @@ class DriverLaunches:
             lib = ctypes.CDLL("libcuda.so.1")
             lib.cuLaunchKernel.restype = ctypes.c_int
             lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+            lib.cuCtxGetCurrent.restype = ctypes.c_int
+            lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
             DriverLaunches._lib = lib
         self._launch = DriverLaunches._lib.cuLaunchKernel
+        self._ctx_get_current = DriverLaunches._lib.cuCtxGetCurrent
         self._local = threading.local()
+
+    def _has_context(self) -> bool:
+        ctx = ctypes.c_void_p()
+        return self._ctx_get_current(ctypes.byref(ctx)) == 0 and bool(ctx.value)
+
+    def _ensure_context(self) -> None:
+        """Make sure a CUDA context is current in this thread (checked once per thread)."""
+        if getattr(self._local, "context_ok", False):
+            return
+        if not self._has_context():
+            bind_runtime_context()
+            if not self._has_context():
+                raise RuntimeError("no CUDA context is current in this thread, and cudaFree(0) did not bind "
+                                   "one: cuLaunchKernel cannot launch the plan's kernels here")
+        self._local.context_ok = True
 
     def _packed(self, key, build):
         """This thread's packed arguments for ``key`` (a Launch or a Plan), built on first use."""
@@ -200,13 +225,22 @@ class DriverLaunches:
 
     def __call__(self, launch: Launch, addresses: dict, item: int, stream: int) -> None:
         """One launch; pointer arguments from ``addresses`` (element offsets of ``item`` bytes)."""
+        self._ensure_context()
         self._fire(self._packed(launch, lambda: _Packed(launch)), addresses, item, stream)
 
     def launch_plan(self, plan: Plan, addresses: dict, stream: int) -> None:
         """Every launch of ``plan`` in order (one cache lookup for the plan, not one a launch)."""
+        self._ensure_context()
         item = plan.dtype.itemsize
         for p in self._packed(plan, lambda: tuple(_Packed(launch) for launch in plan.launches)):
             self._fire(p, addresses, item, stream)
+
+
+def bind_runtime_context() -> None:
+    """Let the CUDA runtime bind the current device's primary context to the calling thread
+    (``cudaFree(0)``: the runtime initialises itself in the thread and frees nothing)."""
+    import cupy
+    cupy.cuda.runtime.free(0)
 
 
 def cupy_address(a) -> int:
